@@ -1,0 +1,41 @@
+"""Character-level GPT on tiny shakespeare: nanoGPT's shakespeare-char recipes.
+
+CPU recipe (arg `cpu`; nanoGPT's README CPU command: 4 layers, 4 heads, width 128,
+context 64, batch 12, 2000 steps, dropout 0):
+
+  python -m decoder_jax.train --config=configs/shakespeare_char.py:cpu --workdir=/tmp/shakespeare_cpu
+
+  Expected: final eval/loss about 1.88 (nanoGPT: 1.886), roughly 1.5-2 minutes on 2 cores.
+
+GPU recipe (no arg; 6 layers, 6 heads, width 384, context 256, batch 64, dropout 0.2,
+5000 steps, bfloat16 compute):
+
+  python -m decoder_jax.train --config=configs/shakespeare_char.py --workdir=/tmp/shakespeare
+
+  Expected: best eval/loss about 1.47 (nanoGPT: 1.4697).
+
+Data: `data.local_dir` (default $DECODER_JAX_DATA) holding tiny_shakespeare/input.txt;
+unset, the tfds catalog dataset `tiny_shakespeare` is used (needs internet once).
+"""
+
+from decoder_jax.train import config_sections as common
+
+
+def get_config(arg: str | None = None):
+  if arg not in (None, "", "cpu"):
+    raise ValueError(f"unknown config arg {arg!r}; use ':cpu' or nothing")
+  if arg == "cpu":
+    model = common.model_section(family="gpt2", num_layers=4, num_heads=4, width=128,
+                                 max_length=64, use_bias=False, dropout=0.0)
+    train = common.train_section(num_steps=2000, batch_size=12, learning_rate=1e-3,
+                                 min_learning_rate=1e-4, warmup_steps=100, log_every=100,
+                                 eval_every=250, checkpoint_every=1000)
+  else:
+    model = common.model_section(family="gpt2", num_layers=6, num_heads=6, width=384,
+                                 max_length=256, use_bias=False, dropout=0.2,
+                                 dtype="bfloat16", attention_impl="auto")
+    train = common.train_section(num_steps=5000, batch_size=64, learning_rate=1e-3,
+                                 min_learning_rate=1e-4, warmup_steps=100, log_every=50,
+                                 eval_every=250, checkpoint_every=1000)
+  return common.base_config(model=model, train=train,
+                            data_overrides=dict(corpus="tiny_shakespeare", tokenizer="char"))

@@ -1,0 +1,26 @@
+"""A small Llama-family model (RoPE, RMSNorm, SwiGLU, grouped-query attention) on tiny
+shakespeare characters, to show the second family trains on the same data.
+
+  python -m decoder_jax.train --config=configs/shakespeare_llama.py:cpu --workdir=/tmp/shakespeare_llama
+
+  Expected (arg cpu): final eval/loss about 1.9 after 2000 steps, a few minutes on 2 cores.
+"""
+
+from decoder_jax.train import config_sections as common
+
+
+def get_config(arg: str | None = None):
+  if arg not in (None, "", "cpu"):
+    raise ValueError(f"unknown config arg {arg!r}; use ':cpu' or nothing")
+  cpu = arg == "cpu"
+  model = common.model_section(
+      family="llama", num_layers=4 if cpu else 6, num_heads=4 if cpu else 6,
+      num_kv_heads=2 if cpu else 2, width=128 if cpu else 384, max_length=64 if cpu else 256,
+      use_bias=False, tie_embeddings=True, dropout=0.0 if cpu else 0.2,
+      dtype="float32" if cpu else "bfloat16", attention_impl="xla" if cpu else "auto")
+  train = common.train_section(num_steps=2000 if cpu else 5000, batch_size=12 if cpu else 64,
+                               learning_rate=1e-3, min_learning_rate=1e-4, warmup_steps=100,
+                               log_every=100 if cpu else 50, eval_every=250,
+                               checkpoint_every=1000)
+  return common.base_config(model=model, train=train,
+                            data_overrides=dict(corpus="tiny_shakespeare", tokenizer="char"))

@@ -1,0 +1,3 @@
+"""decoder_jax: a JAX/Flax research codebase for decoder language models."""
+
+__version__ = "0.1.0"

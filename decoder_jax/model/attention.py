@@ -1,0 +1,80 @@
+"""Causal self-attention (multi-head or grouped-query) with an explicit KV cache.
+
+The cache for one layer is a dict {"k", "v"}: [batch, cache_length, kv_heads, head_dim].
+Slot s of a row holds the key/value of that row's token at absolute position s, so rows
+of a ragged batch each keep their own positions. A query at position p sees slots <= p;
+slots beyond a row's current position may hold stale values and are never visible.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from decoder_jax.model import layers
+from decoder_jax.model.config import ModelConfig
+
+
+def init_layer_cache(config: ModelConfig, batch: int, length: int, dtype) -> dict:
+  shape = (batch, length, config.kv_heads, config.head_dim)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def _write(cache_kv, new_kv, start):
+  """Writes new_kv [batch, T, K, H] into cache_kv [batch, S, K, H] at per-row start [batch]."""
+  def one_row(c, n, s):
+    return jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (s, 0, 0))
+  return jax.vmap(one_row)(cache_kv, new_kv, start)
+
+
+def resolve_implementation(name: str) -> str | None:
+  if name == "auto":
+    return "cudnn" if jax.default_backend() == "gpu" else "xla"
+  return name
+
+
+class SelfAttention(nn.Module):
+  config: ModelConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x, positions, cache=None):
+    """x: [batch, length, embed]; positions: int32 [batch, length].
+
+    Returns (out [batch, length, embed], updated cache or None).
+    """
+    cfg = self.config
+    q = layers.dense((cfg.num_heads, cfg.head_dim), ("embed", "heads", "kv"), cfg,
+                     cfg.init_std, "query")(x)  # [batch, length, heads, head_dim]
+    k = layers.dense((cfg.kv_heads, cfg.head_dim), ("embed", "kv_heads", "kv"), cfg,
+                     cfg.init_std, "key")(x)  # [batch, length, kv_heads, head_dim]
+    v = layers.dense((cfg.kv_heads, cfg.head_dim), ("embed", "kv_heads", "kv"), cfg,
+                     cfg.init_std, "value")(x)
+    if cfg.use_rope:
+      cos, sin = layers.rotary_tables(positions, cfg.head_dim, cfg.rope_theta)
+      q = layers.apply_rotary(q, cos, sin)
+      k = layers.apply_rotary(k, cos, sin)
+    q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
+    k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "kv"))
+    v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "kv"))
+
+    implementation = resolve_implementation(cfg.attention_impl)
+    if cache is None:
+      out = jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                         implementation=implementation)
+      new_cache = None
+    else:
+      start = positions[:, 0]  # [batch]; the chunk's positions are contiguous
+      new_cache = {"k": _write(cache["k"], k, start), "v": _write(cache["v"], v, start)}
+      slots = jnp.arange(new_cache["k"].shape[1])  # [cache_length]
+      mask = slots[None, None, :] <= positions[:, :, None]  # [batch, length, cache_length]
+      # The masked (cache) path runs through XLA: cuDNN wants causal/padding masks only.
+      out = jax.nn.dot_product_attention(
+          q, new_cache["k"].astype(q.dtype), new_cache["v"].astype(q.dtype),
+          mask=mask[:, None], implementation="xla" if implementation == "cudnn" else implementation)
+    out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
+    out = layers.dense(cfg.width, ("heads", "kv", "embed"), cfg, layers.residual_std(cfg),
+                       "out", axis=(-2, -1))(out)  # [batch, length, embed]
+    out = nn.Dropout(cfg.dropout)(out, deterministic=self.deterministic)
+    return out, new_cache

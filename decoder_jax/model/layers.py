@@ -1,0 +1,102 @@
+"""Building blocks shared by both families: norms, MLPs, embeddings, rotary positions.
+
+Every parameter is created with logical axis names (`embed`, `mlp`, `vocab`, ...); the
+training code maps those names onto mesh axes with one rules table.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from decoder_jax.model.config import ModelConfig
+
+
+def dtype_of(name: str):
+  return jnp.dtype(name)
+
+
+def normal_init(std: float, axes: tuple[str, ...]):
+  return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), axes)
+
+
+def zeros_init(axes: tuple[str, ...]):
+  return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+def residual_std(config: ModelConfig) -> float:
+  # Projections that write into the residual stream are scaled down with depth so the
+  # stream's variance does not grow with the number of layers (GPT-2 paper, sec. 2.3).
+  return config.init_std / (2 * config.num_layers) ** 0.5
+
+
+class Norm(nn.Module):
+  """LayerNorm (gpt2 family) or RMSNorm (llama family), over the last axis."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):  # [..., embed]
+    cfg = self.config
+    scale_init = nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",))
+    if cfg.family == "llama":
+      norm = nn.RMSNorm(epsilon=cfg.norm_eps, dtype=dtype_of(cfg.dtype),
+                        param_dtype=dtype_of(cfg.param_dtype), scale_init=scale_init)
+    else:
+      norm = nn.LayerNorm(epsilon=cfg.norm_eps, use_bias=cfg.use_bias,
+                          dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype),
+                          scale_init=scale_init,
+                          bias_init=zeros_init(("embed",)))
+    return norm(x)
+
+
+def dense(features, axes: tuple[str, ...], config: ModelConfig, std: float, name: str,
+          use_bias: bool | None = None, axis=-1):
+  """A DenseGeneral whose kernel (and bias) carry logical axis names `axes`."""
+  use_bias = config.use_bias if use_bias is None else use_bias
+  out_axes = axes[-len(features):] if isinstance(features, tuple) else axes[-1:]
+  return nn.DenseGeneral(
+      features=features, axis=axis, use_bias=use_bias,
+      dtype=dtype_of(config.dtype), param_dtype=dtype_of(config.param_dtype),
+      kernel_init=normal_init(std, axes), bias_init=zeros_init(out_axes), name=name)
+
+
+class Mlp(nn.Module):
+  """GELU MLP (gpt2) or SwiGLU (llama)."""
+  config: ModelConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x):  # [batch, length, embed]
+    cfg = self.config
+    hidden = cfg.hidden_width
+    if cfg.family == "llama":
+      gate = dense(hidden, ("embed", "mlp"), cfg, cfg.init_std, "gate")(x)
+      up = dense(hidden, ("embed", "mlp"), cfg, cfg.init_std, "up")(x)
+      h = nn.silu(gate) * up  # [batch, length, mlp]
+    else:
+      h = dense(hidden, ("embed", "mlp"), cfg, cfg.init_std, "up")(x)
+      h = nn.gelu(h, approximate=True)  # [batch, length, mlp]
+    h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
+    out = dense(cfg.width, ("mlp", "embed"), cfg, residual_std(cfg), "down")(h)
+    return nn.Dropout(cfg.dropout)(out, deterministic=self.deterministic)
+
+
+def rotary_tables(positions, head_dim: int, theta: float):
+  """cos/sin tables for rotary embeddings. positions: int [batch, length]."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [batch, length, head_dim/2]
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rotary(x, cos, sin):
+  """Rotates pairs (i, i + head_dim/2) of x: [batch, length, heads, head_dim].
+
+  The half-split pairing is the Hugging Face Llama convention, so imported weights work
+  without permuting q/k projections.
+  """
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  cos = cos[:, :, None, :]  # [batch, length, 1, head_dim/2]
+  sin = sin[:, :, None, :]
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return rotated.astype(x.dtype)

@@ -1,0 +1,114 @@
+"""The decoder-only Transformer shared by the gpt2 and llama families."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from decoder_jax.model import attention, layers
+from decoder_jax.model.config import ModelConfig
+
+
+class Block(nn.Module):
+  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+  config: ModelConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x, positions, cache=None):  # x: [batch, length, embed]
+    cfg = self.config
+    h, cache = attention.SelfAttention(cfg, self.deterministic, name="attn")(
+        layers.Norm(cfg, name="attn_norm")(x), positions, cache)
+    x = x + h
+    x = x + layers.Mlp(cfg, self.deterministic, name="mlp")(layers.Norm(cfg, name="mlp_norm")(x))
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    return x, cache
+
+
+class _ScannedBlock(Block):
+  """Block with the (carry, per-layer input) -> (carry, per-layer output) signature of scan."""
+
+  def __call__(self, x, layer_cache, positions):
+    return super().__call__(x, positions, layer_cache)
+
+
+class Decoder(nn.Module):
+  """tokens [batch, length] -> logits [batch, length, vocab] (and the updated cache).
+
+  `positions` (int32 [batch, length]) default to 0..length-1. With `cache` (from
+  `init_cache`), keys and values are written at those positions and queries attend to
+  everything cached at or before their own position: this one path serves prefill and
+  one-token decode steps alike.
+  """
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens, positions=None, cache=None, deterministic: bool = True):
+    cfg = self.config
+    batch, length = tokens.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    embed = nn.Embed(cfg.vocab_size, cfg.width, dtype=layers.dtype_of(cfg.dtype),
+                     param_dtype=layers.dtype_of(cfg.param_dtype),
+                     embedding_init=layers.normal_init(cfg.init_std, ("vocab", "embed")),
+                     name="embed")
+    x = embed(tokens)  # [batch, length, embed]
+    if not cfg.use_rope:
+      pos_table = self.param("pos_embed", layers.normal_init(cfg.init_std, ("length", "embed")),
+                             (cfg.max_length, cfg.width), layers.dtype_of(cfg.param_dtype))
+      x = x + jnp.take(pos_table, positions, axis=0).astype(x.dtype)
+    x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+    if cfg.scan_layers:
+      x, cache = self._scanned_layers(x, positions, cache, deterministic)
+    else:
+      block_cls = nn.remat(Block) if cfg.remat else Block
+      new_layers = []
+      for i in range(cfg.num_layers):
+        layer_cache = None if cache is None else cache["layers"][i]
+        x, layer_cache = block_cls(cfg, deterministic, name=f"block_{i}")(x, positions,
+                                                                         layer_cache)
+        new_layers.append(layer_cache)
+      cache = None if cache is None else {"layers": new_layers}
+
+    x = layers.Norm(cfg, name="final_norm")(x)
+    if cfg.tie_embeddings:
+      logits = embed.attend(x)
+    else:
+      logits = layers.dense(cfg.vocab_size, ("embed", "vocab"), cfg, cfg.init_std, "lm_head",
+                            use_bias=False)(x)
+    logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+    return logits, cache
+
+  def _scanned_layers(self, x, positions, cache, deterministic):
+    cfg = self.config
+    block_cls = nn.remat(_ScannedBlock, prevent_cse=False) if cfg.remat else _ScannedBlock
+    scanned = nn.scan(
+        block_cls,
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(0, nn.broadcast),
+        length=cfg.num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )(cfg, deterministic, name="blocks")
+    layer_caches = None if cache is None else cache["layers"]
+    x, layer_caches = scanned(x, layer_caches, positions)
+    return x, (None if cache is None else {"layers": layer_caches})
+
+
+def init_cache(config: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> dict:
+  """An empty KV cache for `batch` rows of up to `length` positions.
+
+  {"layers": per-layer {"k", "v"}: [batch, length, kv_heads, head_dim]}; with
+  scan_layers the per-layer dicts are stacked on a leading [layers] axis.
+  """
+  if length > config.max_length and not config.use_rope:
+    raise ValueError(f"cache length {length} exceeds the model's max_length {config.max_length}")
+  one = attention.init_layer_cache(config, batch, length, dtype)
+  if config.scan_layers:
+    stacked = jax.tree.map(lambda a: jnp.broadcast_to(a, (config.num_layers,) + a.shape), one)
+    return {"layers": stacked}
+  return {"layers": [attention.init_layer_cache(config, batch, length, dtype)
+                     for _ in range(config.num_layers)]}

@@ -1,0 +1,1 @@
+"""Training: mesh and sharding rules, optimizer, train state, steps, checkpoints, loop."""

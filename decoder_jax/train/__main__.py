@@ -1,0 +1,31 @@
+"""Entry point: python -m decoder_jax.train --config=configs/<exp>.py[:arg] --workdir=DIR
+
+Overrides: --config.train.num_steps=100, --config.model.dropout=0.1, ...
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from decoder_jax.train.loop import train_and_evaluate
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file[:arg]",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and the tokenizer go")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.INFO)
+  result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  if "eval/loss" in result:
+    print(f"final eval/loss {result['eval/loss']:.4f}")
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,52 @@
+"""Config sections every experiment shares; experiment files (configs/*.py) override fields."""
+
+import ml_collections
+
+from decoder_jax.data.pipeline import default_data_config
+from decoder_jax.model.config import ModelConfig
+
+
+def model_section(**fields) -> ml_collections.ConfigDict:
+  """Every ModelConfig field (so --config.model.<typo> fails), with `fields` overriding."""
+  values = ModelConfig().to_dict()
+  values["vocab_size"] = None  # None: taken from the tokenizer
+  values.update(fields)
+  section = ml_collections.ConfigDict(values)
+  return section
+
+
+def train_section(**fields) -> ml_collections.ConfigDict:
+  values = dict(
+      num_steps=1000,
+      stop_at_step=None,  # stop early (with a checkpoint) at this step, e.g. to test resume
+      batch_size=32,
+      grad_accum_steps=1,
+      learning_rate=1e-3,
+      min_learning_rate=1e-4,
+      warmup_steps=100,
+      decay_steps=None,  # None: num_steps
+      b1=0.9,
+      b2=0.99,
+      eps=1e-8,
+      weight_decay=0.1,
+      grad_clip=1.0,
+      log_every=50,
+      eval_every=250,
+      checkpoint_every=500,
+      keep_checkpoints=3,
+      async_checkpoints=True,
+  )
+  values.update(fields)
+  return ml_collections.ConfigDict(values)
+
+
+def base_config(*, model, train, data_overrides=None, mesh=None, seed=1337):
+  config = ml_collections.ConfigDict()
+  config.seed = seed
+  config.model = model
+  config.train = train
+  config.data = default_data_config()
+  for key, value in (data_overrides or {}).items():
+    config.data[key] = value
+  config.mesh = ml_collections.ConfigDict(mesh or dict(data=-1, fsdp=1, tensor=1))
+  return config
