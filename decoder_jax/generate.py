@@ -7,6 +7,7 @@
 from absl import app, flags, logging
 
 from decoder_jax import decoding, inference
+from decoder_jax.train.metrics import quiet_library_logs
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "training workdir holding checkpoints")
 _PROMPT = flags.DEFINE_string("prompt", "\n", "text to continue")
@@ -20,6 +21,7 @@ flags.mark_flag_as_required("workdir")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  quiet_library_logs()
   trained = inference.load_trained(_WORKDIR.value)
   logging.info("loaded step %d from %s", trained.step, _WORKDIR.value)
   sampler = decoding.make_sampler(_TEMPERATURE.value, _TOP_K.value)

@@ -75,6 +75,6 @@ class SelfAttention(nn.Module):
           mask=mask[:, None], implementation="xla" if implementation == "cudnn" else implementation)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
     out = layers.dense(cfg.width, ("heads", "kv", "embed"), cfg, layers.residual_std(cfg),
-                       "out", axis=(-2, -1))(out)  # [batch, length, embed]
+                       "out")(out)  # [batch, length, embed]
     out = nn.Dropout(cfg.dropout)(out, deterministic=self.deterministic)
     return out, new_cache

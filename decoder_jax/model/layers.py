@@ -31,34 +31,57 @@ def residual_std(config: ModelConfig) -> float:
   return config.init_std / (2 * config.num_layers) ** 0.5
 
 
-class Norm(nn.Module):
-  """LayerNorm (gpt2 family) or RMSNorm (llama family), over the last axis."""
+def norm(config: ModelConfig, name: str) -> nn.Module:
+  """LayerNorm (gpt2 family) or RMSNorm (llama family) over the last axis, named `name`."""
+  scale_init = nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",))
+  common = dict(epsilon=config.norm_eps, dtype=dtype_of(config.dtype),
+                param_dtype=dtype_of(config.param_dtype), scale_init=scale_init, name=name)
+  if config.family == "llama":
+    return nn.RMSNorm(**common)
+  return nn.LayerNorm(use_bias=config.use_bias, bias_init=zeros_init(("embed",)), **common)
+
+
+class Dense(nn.Module):
+  """x [..., *in_shape] -> [..., *out_shape] with kernel [*in_shape, *out_shape].
+
+  Written out (rather than nn.DenseGeneral) so the kernel is created in its final shape:
+  DenseGeneral builds a flat kernel and reshapes it, which clashes with logical-axis
+  constraints under a mesh.
+  """
+  in_shape: tuple[int, ...]
+  out_shape: tuple[int, ...]
+  axes: tuple[str, ...]  # logical names of the kernel's axes, in then out
   config: ModelConfig
+  std: float
+  use_bias: bool
 
   @nn.compact
-  def __call__(self, x):  # [..., embed]
+  def __call__(self, x):
     cfg = self.config
-    scale_init = nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",))
-    if cfg.family == "llama":
-      norm = nn.RMSNorm(epsilon=cfg.norm_eps, dtype=dtype_of(cfg.dtype),
-                        param_dtype=dtype_of(cfg.param_dtype), scale_init=scale_init)
-    else:
-      norm = nn.LayerNorm(epsilon=cfg.norm_eps, use_bias=cfg.use_bias,
-                          dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype),
-                          scale_init=scale_init,
-                          bias_init=zeros_init(("embed",)))
-    return norm(x)
+    kernel = self.param("kernel", normal_init(self.std, self.axes),
+                        self.in_shape + self.out_shape, dtype_of(cfg.param_dtype))
+    dtype = dtype_of(cfg.dtype)
+    out = jnp.tensordot(x.astype(dtype), kernel.astype(dtype), axes=len(self.in_shape))
+    if self.use_bias:
+      bias = self.param("bias", zeros_init(self.axes[len(self.in_shape):]), self.out_shape,
+                        dtype_of(cfg.param_dtype))
+      out = out + bias.astype(dtype)
+    return out
 
 
 def dense(features, axes: tuple[str, ...], config: ModelConfig, std: float, name: str,
-          use_bias: bool | None = None, axis=-1):
-  """A DenseGeneral whose kernel (and bias) carry logical axis names `axes`."""
-  use_bias = config.use_bias if use_bias is None else use_bias
-  out_axes = axes[-len(features):] if isinstance(features, tuple) else axes[-1:]
-  return nn.DenseGeneral(
-      features=features, axis=axis, use_bias=use_bias,
-      dtype=dtype_of(config.dtype), param_dtype=dtype_of(config.param_dtype),
-      kernel_init=normal_init(std, axes), bias_init=zeros_init(out_axes), name=name)
+          use_bias: bool | None = None):
+  """A Dense layer whose input axes are the leading names in `axes`, output `features`.
+
+  The input sizes come from the config: `embed` is config.width, `heads`/`kv` the attention
+  heads and head_dim, `mlp` the hidden width.
+  """
+  out_shape = features if isinstance(features, tuple) else (features,)
+  sizes = {"embed": config.width, "mlp": config.hidden_width, "heads": config.num_heads,
+           "kv": config.head_dim}
+  in_shape = tuple(sizes[a] for a in axes[:len(axes) - len(out_shape)])
+  return Dense(in_shape, out_shape, axes, config, std,
+               config.use_bias if use_bias is None else use_bias, name=name)
 
 
 class Mlp(nn.Module):

@@ -19,9 +19,9 @@ class Block(nn.Module):
   def __call__(self, x, positions, cache=None):  # x: [batch, length, embed]
     cfg = self.config
     h, cache = attention.SelfAttention(cfg, self.deterministic, name="attn")(
-        layers.Norm(cfg, name="attn_norm")(x), positions, cache)
+        layers.norm(cfg, "attn_norm")(x), positions, cache)
     x = x + h
-    x = x + layers.Mlp(cfg, self.deterministic, name="mlp")(layers.Norm(cfg, name="mlp_norm")(x))
+    x = x + layers.Mlp(cfg, self.deterministic, name="mlp")(layers.norm(cfg, "mlp_norm")(x))
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     return x, cache
 
@@ -73,7 +73,7 @@ class Decoder(nn.Module):
         new_layers.append(layer_cache)
       cache = None if cache is None else {"layers": new_layers}
 
-    x = layers.Norm(cfg, name="final_norm")(x)
+    x = layers.norm(cfg, "final_norm")(x)
     if cfg.tie_embeddings:
       logits = embed.attend(x)
     else:

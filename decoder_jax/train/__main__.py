@@ -3,10 +3,11 @@
 Overrides: --config.train.num_steps=100, --config.model.dropout=0.1, ...
 """
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from decoder_jax.train.loop import train_and_evaluate
+from decoder_jax.train.metrics import quiet_library_logs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file[:arg]",
                                           lock_config=True)
@@ -17,7 +18,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.INFO)
+  quiet_library_logs()
   result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   if "eval/loss" in result:
     print(f"final eval/loss {result['eval/loss']:.4f}")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -19,7 +18,9 @@ def make_manager(workdir: str, every_steps: int, keep: int, async_writes: bool =
       save_interval_steps=max(1, every_steps), max_to_keep=keep,
       enable_async_checkpointing=async_writes, create=True)
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                               options=options, item_names=("state", "data"))
+                               options=options,
+                               item_handlers={"state": ocp.StandardCheckpointHandler(),
+                                              "data": ocp.JsonCheckpointHandler()})
 
 
 def save(manager, step: int, state, data_state: dict, force: bool = False) -> bool:
@@ -27,12 +28,19 @@ def save(manager, step: int, state, data_state: dict, force: bool = False) -> bo
       state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=force)
 
 
+def _path_name(path) -> str:
+  """'opt_state/1/0/mu/...' for a live dataclass/namedtuple path or orbax's dict/list one."""
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def _shapes(tree) -> dict[str, tuple]:
+  return {_path_name(p): tuple(leaf.shape)
+          for p, leaf in jax.tree_util.tree_leaves_with_path(tree) if hasattr(leaf, "shape")}
+
+
 def _shape_mismatches(saved_tree, abstract_state) -> list[str]:
   """Paths whose saved shape (or presence) differs from what the current config builds."""
-  saved = {jax.tree_util.keystr(p): tuple(getattr(leaf, "shape", ()))
-           for p, leaf in jax.tree_util.tree_leaves_with_path(saved_tree)}
-  wanted = {jax.tree_util.keystr(p): tuple(leaf.shape)
-            for p, leaf in jax.tree_util.tree_leaves_with_path(abstract_state)}
+  saved, wanted = _shapes(saved_tree), _shapes(abstract_state)
   problems = [f"{k}: checkpoint {saved[k]} vs config {wanted[k]}"
               for k in sorted(saved.keys() & wanted.keys()) if saved[k] != wanted[k]]
   problems += [f"{k}: in the config, not in the checkpoint" for k in sorted(wanted.keys() - saved.keys())]
@@ -44,9 +52,7 @@ def restore(manager, abstract_state, step: int | None = None):
   """(state, data_state) from `step` (default: the latest); raises if shapes differ."""
   step = manager.latest_step() if step is None else step
   metadata = manager.item_metadata(step)["state"]
-  saved_tree = getattr(metadata, "tree", metadata)
-  as_dicts = lambda t: jax.tree_util.tree_map(lambda x: x, t)  # noqa: E731
-  problems = _shape_mismatches(_to_plain(saved_tree), _to_plain(as_dicts(abstract_state)))
+  problems = _shape_mismatches(getattr(metadata, "tree", metadata), abstract_state)
   if problems:
     listed = "\n  ".join(problems[:20])
     raise ValueError(
@@ -56,17 +62,3 @@ def restore(manager, abstract_state, step: int | None = None):
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
   return restored["state"], restored["data"]
-
-
-def _to_plain(tree):
-  """Nested dicts keyed by field name, so saved metadata and live dataclasses compare."""
-  if hasattr(tree, "__dataclass_fields__"):
-    return {k: _to_plain(getattr(tree, k)) for k in tree.__dataclass_fields__
-            if k != "tx"}
-  if isinstance(tree, dict):
-    return {str(k): _to_plain(v) for k, v in tree.items()}
-  if isinstance(tree, (list, tuple)) and not hasattr(tree, "_fields"):
-    return {str(i): _to_plain(v) for i, v in enumerate(tree)}
-  if hasattr(tree, "_fields"):  # namedtuples (optax states)
-    return {k: _to_plain(getattr(tree, k)) for k in tree._fields}
-  return tree

@@ -1,6 +1,7 @@
 """Config sections every experiment shares; experiment files (configs/*.py) override fields."""
 
 import ml_collections
+from ml_collections import config_dict
 
 from decoder_jax.data.pipeline import default_data_config
 from decoder_jax.model.config import ModelConfig
@@ -9,22 +10,23 @@ from decoder_jax.model.config import ModelConfig
 def model_section(**fields) -> ml_collections.ConfigDict:
   """Every ModelConfig field (so --config.model.<typo> fails), with `fields` overriding."""
   values = ModelConfig().to_dict()
-  values["vocab_size"] = None  # None: taken from the tokenizer
+  values["vocab_size"] = config_dict.placeholder(int)  # None: taken from the tokenizer
+  values["num_kv_heads"] = config_dict.placeholder(int)  # None: as many as query heads
+  values["mlp_width"] = config_dict.placeholder(int)
   values.update(fields)
-  section = ml_collections.ConfigDict(values)
-  return section
+  return ml_collections.ConfigDict(values)
 
 
 def train_section(**fields) -> ml_collections.ConfigDict:
   values = dict(
       num_steps=1000,
-      stop_at_step=None,  # stop early (with a checkpoint) at this step, e.g. to test resume
+      stop_at_step=config_dict.placeholder(int),  # stop early (with a checkpoint) at this step, e.g. to test resume
       batch_size=32,
       grad_accum_steps=1,
       learning_rate=1e-3,
       min_learning_rate=1e-4,
       warmup_steps=100,
-      decay_steps=None,  # None: num_steps
+      decay_steps=config_dict.placeholder(int),  # None: num_steps
       b1=0.9,
       b2=0.99,
       eps=1e-8,

@@ -23,7 +23,7 @@ MODEL_CONFIG_FILE = "model_config.json"
 
 def resolve_model_config(model_section, tokenizer) -> ModelConfig:
   """The model config with vocab_size filled from the tokenizer when left as None."""
-  values = dict(model_section)
+  values = model_section.to_dict()
   if values.get("vocab_size") is None:
     values["vocab_size"] = tokenizer.vocab_size
   elif values["vocab_size"] < tokenizer.vocab_size:
@@ -82,13 +82,14 @@ def evaluate(eval_step, params, datasets, batch_sharding) -> float:
   return total / max(weight, 1.0)
 
 
-def train_and_evaluate(config, workdir: str) -> dict[str, float]:
+def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
   """Trains per `config`, resuming from `workdir` if it holds a checkpoint.
 
-  Returns the last logged metrics (including the final "eval/loss").
+  `devices` (default: all) are laid out as `config.mesh`. Returns the last logged
+  metrics (including the final "eval/loss").
   """
   train_cfg = config.train
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh, devices)
   check_batch_layout(train_cfg, mesh)
   if config.data.eval_batch_size % sharding.data_parallel_size(mesh):
     raise ValueError(f"data.eval_batch_size ({config.data.eval_batch_size}) must be divisible "
@@ -100,14 +101,6 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   model_config = resolve_model_config(config.model, datasets.tokenizer)
   model = Decoder(model_config)
   tx = optimizer.make_optimizer(train_cfg)
-  if is_writer:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, MODEL_CONFIG_FILE), "w") as f:
-      json.dump(model_config.to_dict(), f, indent=2)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-    tokenizers.save_tokenizer(datasets.tokenizer, workdir)
-
   init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
   abstract, state_shardings = state_lib.abstract_state(model, tx, model_config.max_length, mesh)
   manager = checkpoint.make_manager(workdir, train_cfg.checkpoint_every, train_cfg.keep_checkpoints,
@@ -118,6 +111,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     logging.info("resumed from %s at step %d", manager.directory, int(state.step))
   else:
     state, _ = state_lib.create_train_state(model, tx, model_config.max_length, mesh, init_rng)
+  if is_writer:  # after the restore, so a refused checkpoint leaves the workdir as it was
+    with open(os.path.join(workdir, MODEL_CONFIG_FILE), "w") as f:
+      json.dump(model_config.to_dict(), f, indent=2)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+    tokenizers.save_tokenizer(datasets.tokenizer, workdir)
   logging.info("model: %s, %.3fM parameters; mesh %s", model_config.family,
                state_lib.count_params(state.params) / 1e6, dict(mesh.shape))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging as logging_std
 import os
 import time
 
@@ -61,3 +62,16 @@ class Progress:
     eta = time.strftime("%H:%M:%S", time.gmtime(min(remaining, 359999)))
     shown = "  ".join(f"{k}={v:.4g}" for k, v in metrics.items())
     logging.info("step %d/%d  %s  eta %s", step, self.total_steps, shown, eta)
+
+
+class _DropLibraryInfo(logging_std.Filter):
+  """Keeps warnings from libraries but drops their INFO chatter (orbax logs every file)."""
+
+  def filter(self, record):
+    return record.levelno >= logging_std.WARNING or "decoder_jax" in record.pathname
+
+
+def quiet_library_logs() -> None:
+  """Console shows decoder_jax's progress lines; other libraries only when they warn."""
+  logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(_DropLibraryInfo())

@@ -48,8 +48,9 @@ def create_train_state(model, tx, seq_len: int, mesh, rng):
   """Initialises parameters and optimizer state directly into their shards."""
   _, shardings = abstract_state(model, tx, seq_len, mesh)
   init = jax.jit(lambda r: nn.unbox(_init_boxed(model, tx, seq_len, r)), out_shardings=shardings)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-    return init(rng), shardings
+  # No mesh context here: flax's DenseGeneral would constrain its flat pre-reshape kernel
+  # with the reshaped kernel's axis names. out_shardings alone places every leaf.
+  return init(rng), shardings
 
 
 def count_params(params) -> int:

@@ -44,7 +44,7 @@ def make_train_step(model, grad_accum_steps: int, dropout: bool):
       (loss, grads), _ = jax.lax.scan(accumulate, zeros,
                                       (jnp.arange(grad_accum_steps), micro))
       loss, grads = jax.tree.map(lambda x: x / grad_accum_steps, (loss, grads))
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
     return state.apply_gradients(grads), metrics
 
   return train_step

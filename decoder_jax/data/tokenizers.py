@@ -1,0 +1,221 @@
+"""Tokenizers: a character vocabulary (nanoGPT's shakespeare_char) and SentencePiece.
+
+Both expose the same small surface: `vocab_size`, `eos_id`, `encode(text) -> list[int]`,
+`encode_array(text) -> int32 array`, `decode(ids) -> str`. `save_tokenizer` /
+`load_tokenizer` store one in a directory (a training workdir, possibly on GCS) so that
+`generate` can rebuild exactly the tokenizer a model was trained with.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import sentencepiece as spm
+from etils import epath
+
+_DESCRIPTOR = "tokenizer.json"
+_SPM_FILE = "tokenizer.model"
+
+
+def _as_flat_ids(ids) -> np.ndarray:
+  """Accepts a list, numpy or jax array of ids; returns a flat int64 array."""
+  return np.asarray(ids, dtype=np.int64).reshape(-1)
+
+
+class CharTokenizer:
+  """One id per character; ids follow the sorted character set (as in nanoGPT)."""
+
+  def __init__(self, chars: Sequence[str]):
+    if not chars:
+      raise ValueError("CharTokenizer needs at least one character.")
+    if any(len(c) != 1 for c in chars) or list(chars) != sorted(set(chars)):
+      raise ValueError("CharTokenizer chars must be distinct single characters, sorted.")
+    self._chars = "".join(chars)
+    # Sorted code points let `encode` look ids up with one vectorised searchsorted.
+    self._code_points = np.array([ord(c) for c in chars], dtype=np.uint32)  # [vocab]
+
+  @classmethod
+  def from_text(cls, text: str) -> CharTokenizer:
+    return cls(sorted(set(text)))
+
+  @property
+  def chars(self) -> str:
+    return self._chars
+
+  @property
+  def vocab_size(self) -> int:
+    return len(self._chars)
+
+  @property
+  def eos_id(self) -> int | None:
+    return None  # A character vocabulary has no end-of-sequence symbol.
+
+  @property
+  def bos_id(self) -> int | None:
+    return None
+
+  def encode_array(self, text: str) -> np.ndarray:
+    """Text -> int32 ids [len(text)]; raises ValueError naming unknown characters."""
+    code_points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)  # [chars]
+    ids = np.searchsorted(self._code_points, code_points)
+    ids = np.minimum(ids, len(self._code_points) - 1)
+    unknown = self._code_points[ids] != code_points
+    if unknown.any():
+      missing = sorted({chr(c) for c in code_points[unknown]})
+      shown = ", ".join(repr(c) for c in missing[:20])
+      more = f" and {len(missing) - 20} more" if len(missing) > 20 else ""
+      raise ValueError(
+          f"CharTokenizer cannot encode {len(missing)} character(s) outside its "
+          f"{self.vocab_size}-character vocabulary: {shown}{more}."
+      )
+    return ids.astype(np.int32)
+
+  def encode(self, text: str) -> list[int]:
+    return self.encode_array(text).tolist()
+
+  def decode(self, ids) -> str:
+    ids = _as_flat_ids(ids)
+    if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+      raise ValueError(f"ids must lie in [0, {self.vocab_size}); got {ids.min()}..{ids.max()}.")
+    return self._code_points[ids].tobytes().decode("utf-32-le")
+
+
+# Training defaults chosen for language modelling on raw text: keep the text exactly
+# (identity normalisation, whitespace kept, "\n" as its own piece) so decode(encode(x)) == x
+# for text in the character set, and no dummy "▁" prefix, so a word at the start of a line
+# is tokenised the same in training (one line per sentence) as inside a long document.
+_SPM_TRAIN_DEFAULTS = dict(
+    model_type="unigram",
+    character_coverage=1.0,
+    normalization_rule_name="identity",
+    remove_extra_whitespaces=False,
+    add_dummy_prefix=False,
+    user_defined_symbols=["\n"],
+    input_sentence_size=10_000_000,  # Bounds memory on big corpora; small ones are read whole.
+    shuffle_input_sentence=True,
+    minloglevel=2,  # The trainer otherwise logs thousands of lines to stderr.
+)
+
+
+class SentencePieceTokenizer:
+  """A SentencePiece model, held as its serialized proto so it can be saved anywhere."""
+
+  def __init__(self, model_proto: bytes):
+    self._model_proto = bytes(model_proto)
+    self._processor = spm.SentencePieceProcessor(model_proto=self._model_proto)
+
+  @classmethod
+  def train(
+      cls,
+      corpus_path: str | os.PathLike | Sequence[str | os.PathLike],
+      model_prefix: str | os.PathLike,
+      vocab_size: int,
+      **kw,
+  ) -> SentencePieceTokenizer:
+    """Trains on one text file (or several); writes `model_prefix`.model and .vocab.
+
+    `kw` overrides the trainer options above (any SentencePieceTrainer flag).
+    """
+    paths = [corpus_path] if isinstance(corpus_path, (str, os.PathLike)) else list(corpus_path)
+    for path in paths:
+      if not os.path.isfile(path):
+        raise FileNotFoundError(f"SentencePiece training input {path} does not exist.")
+    return cls._train(model_prefix, vocab_size, input=[os.fspath(p) for p in paths], **kw)
+
+  @classmethod
+  def train_from_text(
+      cls, text: str, model_prefix: str | os.PathLike, vocab_size: int, **kw
+  ) -> SentencePieceTokenizer:
+    """Like `train`, from an in-memory text (one training sentence per line)."""
+    lines = [line for line in text.splitlines() if line]
+    if not lines:
+      raise ValueError("Cannot train SentencePiece on an empty text.")
+    return cls._train(model_prefix, vocab_size, sentence_iterator=iter(lines), **kw)
+
+  @classmethod
+  def _train(cls, model_prefix, vocab_size, **kw) -> SentencePieceTokenizer:
+    options = {**_SPM_TRAIN_DEFAULTS, **kw}
+    os.makedirs(os.path.dirname(os.path.abspath(model_prefix)), exist_ok=True)
+    spm.SentencePieceTrainer.train(
+        model_prefix=os.fspath(model_prefix), vocab_size=vocab_size, **options
+    )
+    return cls.load(f"{os.fspath(model_prefix)}.model")
+
+  @classmethod
+  def load(cls, model_path: str | os.PathLike) -> SentencePieceTokenizer:
+    path = epath.Path(model_path)
+    if not path.exists():
+      raise FileNotFoundError(f"SentencePiece model {path} does not exist.")
+    return cls(path.read_bytes())
+
+  @property
+  def model_proto(self) -> bytes:
+    return self._model_proto
+
+  @property
+  def vocab_size(self) -> int:
+    return self._processor.get_piece_size()
+
+  @property
+  def eos_id(self) -> int | None:
+    eos = self._processor.eos_id()
+    return None if eos < 0 else eos
+
+  @property
+  def bos_id(self) -> int | None:
+    bos = self._processor.bos_id()
+    return None if bos < 0 else bos
+
+  def encode(self, text: str) -> list[int]:
+    return self._processor.encode(text)
+
+  def encode_array(self, text: str) -> np.ndarray:
+    return np.asarray(self._processor.encode(text), dtype=np.int32)
+
+  def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
+    """Encodes many documents at once (SentencePiece spreads them over threads)."""
+    return self._processor.encode(list(texts))
+
+  def decode(self, ids) -> str:
+    return self._processor.decode(_as_flat_ids(ids).tolist())
+
+
+Tokenizer = CharTokenizer | SentencePieceTokenizer
+
+
+def save_tokenizer(tokenizer: Tokenizer, directory: str | os.PathLike) -> None:
+  """Writes directory/tokenizer.json (plus tokenizer.model for SentencePiece)."""
+  directory = epath.Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  if isinstance(tokenizer, CharTokenizer):
+    descriptor = {"type": "char", "chars": tokenizer.chars}
+  elif isinstance(tokenizer, SentencePieceTokenizer):
+    (directory / _SPM_FILE).write_bytes(tokenizer.model_proto)
+    descriptor = {"type": "sentencepiece", "model_file": _SPM_FILE}
+  else:
+    raise TypeError(f"Cannot save tokenizer of type {type(tokenizer).__name__}.")
+  descriptor["vocab_size"] = tokenizer.vocab_size
+  (directory / _DESCRIPTOR).write_text(json.dumps(descriptor, ensure_ascii=False, indent=1))
+
+
+def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
+  """Inverse of `save_tokenizer`."""
+  descriptor_path = epath.Path(directory) / _DESCRIPTOR
+  if not descriptor_path.exists():
+    raise FileNotFoundError(
+        f"{descriptor_path} does not exist; was the tokenizer saved with save_tokenizer?"
+    )
+  descriptor = json.loads(descriptor_path.read_text())
+  kind = descriptor.get("type")
+  if kind == "char":
+    tokenizer = CharTokenizer(list(descriptor["chars"]))
+  elif kind == "sentencepiece":
+    tokenizer = SentencePieceTokenizer.load(epath.Path(directory) / descriptor["model_file"])
+  else:
+    raise ValueError(f"{descriptor_path}: unknown tokenizer type {kind!r}.")
+  if tokenizer.vocab_size != descriptor.get("vocab_size", tokenizer.vocab_size):
+    raise ValueError(f"{descriptor_path}: vocab_size does not match the stored tokenizer.")
+  return tokenizer

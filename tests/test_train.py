@@ -1,0 +1,189 @@
+"""Training end to end on tiny shakespeare: sharding, resume, signals, sampling, errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from conftest import REPO
+from decoder_jax import decoding, inference
+from decoder_jax.model import Decoder, ModelConfig
+from decoder_jax.train import loop, optimizer, sharding, state as state_lib
+
+CONFIG = str(REPO / "configs" / "shakespeare_char.py")
+# A tiny GPT on characters: a few seconds per run on 2 cores.
+TINY = dict(num_layers=2, num_heads=2, width=32, max_length=32)
+
+
+def tiny_config(data_dir, tmp_path, **train):
+  sys.path.insert(0, str(REPO))
+  from configs import shakespeare_char
+  config = shakespeare_char.get_config("cpu")
+  config.model.update(TINY)
+  config.train.update({**dict(num_steps=6, batch_size=8, log_every=1, eval_every=3,
+                              checkpoint_every=3, warmup_steps=2), **train})
+  config.data.local_dir = str(data_dir)
+  config.data.num_eval_windows = 64
+  config.data.eval_batch_size = 32
+  config.data.tfds_data_dir = str(tmp_path / "tfds")
+  return config
+
+
+def read_metrics(workdir, key):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  return {r["step"]: r[key] for r in rows if key in r}
+
+
+def run_cli(workdir, data_dir, tmp_path, *overrides, check=True, **popen):
+  args = [sys.executable, "-m", "decoder_jax.train", f"--config={CONFIG}:cpu",
+          f"--workdir={workdir}", f"--config.data.local_dir={data_dir}",
+          f"--config.data.tfds_data_dir={tmp_path / 'tfds'}",
+          "--config.data.num_eval_windows=64", "--config.data.eval_batch_size=32",
+          *[f"--config.model.{k}={v}" for k, v in TINY.items()],
+          "--config.train.batch_size=8", "--config.train.log_every=1",
+          "--config.train.warmup_steps=2", *overrides]
+  env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": str(REPO)}
+  if popen:
+    return subprocess.Popen(args, cwd=REPO, env=env, **popen)
+  done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  if check:
+    assert done.returncode == 0, done.stderr[-3000:]
+  return done
+
+
+def test_mesh_2x2x2_matches_single_device(data_dir, tmp_path):
+  losses = {}
+  for name, mesh, devices in [("one", dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]),
+                              ("eight", dict(data=2, fsdp=2, tensor=2), jax.devices())]:
+    config = tiny_config(data_dir, tmp_path, num_steps=5)
+    config.mesh.update(mesh)
+    loop.train_and_evaluate(config, str(tmp_path / name), devices=devices)
+    losses[name] = read_metrics(tmp_path / name, "train/loss")
+  assert sorted(losses["one"]) == [1, 2, 3, 4, 5]
+  np.testing.assert_allclose([losses["eight"][s] for s in range(1, 6)],
+                             [losses["one"][s] for s in range(1, 6)], atol=1e-5, rtol=0)
+
+
+def test_parameters_are_laid_out_as_the_rules_say():
+  config = ModelConfig(family="llama", vocab_size=64, num_layers=1, num_heads=4, num_kv_heads=2,
+                       width=32, max_length=16)
+  mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
+  train_config = tiny_train_section()
+  state, _ = state_lib.create_train_state(Decoder(config), optimizer.make_optimizer(train_config),
+                                          16, mesh, jax.random.key(0))
+  block = state.params["block_0"]
+  assert block["attn"]["query"]["kernel"].sharding.spec == P("fsdp", "tensor", None)
+  assert block["attn"]["out"]["kernel"].sharding.spec == P("tensor", None, "fsdp")
+  assert block["mlp"]["down"]["kernel"].sharding.spec == P("tensor", "fsdp")
+  assert state.params["embed"]["embedding"].sharding.spec == P("tensor", "fsdp")
+  assert block["attn_norm"]["scale"].sharding.spec == P("fsdp")
+  # Adam's moments follow their parameters.
+  mu = state.opt_state[1][0].mu
+  assert mu["block_0"]["mlp"]["down"]["kernel"].sharding.spec == P("tensor", "fsdp")
+  # A 63-character vocabulary cannot be split in two: that axis stays whole.
+  odd = ModelConfig(family="gpt2", vocab_size=63, num_layers=1, num_heads=2, width=32,
+                    max_length=16)
+  odd_state, _ = state_lib.create_train_state(Decoder(odd), optimizer.make_optimizer(train_config),
+                                              16, mesh, jax.random.key(0))
+  assert odd_state.params["embed"]["embedding"].sharding.spec == P(None, "fsdp")
+
+
+def tiny_train_section():
+  from decoder_jax.train import config_sections
+  return config_sections.train_section(num_steps=10, warmup_steps=2)
+
+
+def test_resume_after_process_exit_matches_uninterrupted_run(data_dir, tmp_path):
+  straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+  run_cli(straight, data_dir, tmp_path, "--config.train.num_steps=6")
+  first = run_cli(resumed, data_dir, tmp_path, "--config.train.num_steps=6",
+                  "--config.train.stop_at_step=3")
+  assert "final eval/loss" not in first.stdout  # stopped early, without the final eval
+  second = run_cli(resumed, data_dir, tmp_path, "--config.train.num_steps=6")
+  assert "resumed from" in second.stderr
+  a, b = read_metrics(straight, "train/loss"), read_metrics(resumed, "train/loss")
+  assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+  assert [a[s] for s in a] == [b[s] for s in a]  # bitwise: same batches, same updates
+  params_a = inference.load_trained(str(straight)).params
+  params_b = inference.load_trained(str(resumed)).params
+  jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
+
+
+def test_sigterm_saves_a_checkpoint_then_resume_finishes(data_dir, tmp_path):
+  workdir = tmp_path / "w"
+  proc = run_cli(workdir, data_dir, tmp_path, "--config.train.num_steps=100000",
+                 "--config.train.checkpoint_every=100000",
+                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.time() + 240
+  while not (metrics.exists() and metrics.stat().st_size > 0) and time.time() < deadline:
+    time.sleep(0.5)
+  assert proc.poll() is None, proc.communicate()[1][-3000:]
+  proc.send_signal(signal.SIGTERM)
+  _, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 0, stderr[-3000:]
+  assert "SIGTERM received" in stderr
+  saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert saved and saved[-1] == max(read_metrics(workdir, "train/loss"))
+  resumed = inference.load_trained(str(workdir))
+  assert resumed.step == saved[-1]
+
+
+def test_trained_model_samples_text_in_the_corpus_alphabet(data_dir, tmp_path):
+  config = tiny_config(data_dir, tmp_path, num_steps=30, checkpoint_every=30)
+  result = loop.train_and_evaluate(config, str(tmp_path / "w"))
+  assert result["eval/loss"] < 4.17  # below uniform over 65 characters (ln 65)
+  trained = inference.load_trained(str(tmp_path / "w"))
+  text = inference.complete(trained, "ROMEO:", max_new_tokens=80,
+                            sampler=decoding.TopK(k=10, temperature=0.8), seed=0)
+  alphabet = set((data_dir / "tiny_shakespeare" / "input.txt").read_text())
+  assert len(text) == 80 and set(text) <= alphabet  # longer than the 32-token context
+  # The CLI prints the prompt followed by the sample.
+  cli = subprocess.run([sys.executable, "-m", "decoder_jax.generate", f"--workdir={tmp_path/'w'}",
+                        "--prompt=ROMEO:", "--max_new_tokens=20", "--seed=3"], cwd=REPO,
+                       env={**os.environ, "XLA_FLAGS": ""}, capture_output=True, text=True,
+                       timeout=300)
+  assert cli.returncode == 0, cli.stderr[-3000:]
+  out = cli.stdout.rstrip("\n")
+  assert out.startswith("ROMEO:") and len(out) >= len("ROMEO:") + 15
+  assert set(out) <= alphabet
+
+
+def test_mesh_not_matching_devices_is_a_clear_error():
+  with pytest.raises(ValueError, match="has 4 devices but 8 are available"):
+    sharding.make_mesh(dict(data=2, fsdp=2, tensor=1))
+  with pytest.raises(ValueError, match="not divisible by 3"):
+    sharding.make_mesh(dict(data=-1, fsdp=3, tensor=1))
+
+
+def test_batch_not_divisible_by_data_parallel_size(data_dir, tmp_path):
+  config = tiny_config(data_dir, tmp_path, batch_size=6)
+  config.mesh.update(dict(data=4, fsdp=2, tensor=1))
+  with pytest.raises(ValueError, match="divisible by the data-parallel size"):
+    loop.train_and_evaluate(config, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()  # nothing written before the check
+
+
+def test_unknown_config_field_is_rejected_by_the_cli(data_dir, tmp_path):
+  done = run_cli(tmp_path / "w", data_dir, tmp_path, "--config.model.widht=64", check=False)
+  assert done.returncode != 0
+  assert "widht" in done.stderr
+
+
+def test_checkpoint_from_another_model_shape_is_refused(data_dir, tmp_path):
+  config = tiny_config(data_dir, tmp_path, num_steps=2)
+  loop.train_and_evaluate(config, str(tmp_path / "w"))
+  wider = tiny_config(data_dir, tmp_path, num_steps=4)
+  wider.model.width = 64
+  with pytest.raises(ValueError, match="different shape"):
+    loop.train_and_evaluate(wider, str(tmp_path / "w"))
+  # The refused run left the checkpoint as it was.
+  assert inference.load_trained(str(tmp_path / "w")).step == 2
