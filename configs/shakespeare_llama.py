@@ -23,4 +23,5 @@ def get_config(arg: str | None = None):
                                log_every=100 if cpu else 50, eval_every=250,
                                checkpoint_every=1000)
   return common.base_config(model=model, train=train,
+                            mesh=dict(num_cpu_devices=2) if cpu else None,
                             data_overrides=dict(corpus="tiny_shakespeare", tokenizer="char"))

@@ -37,8 +37,11 @@ def tiny_config(data_dir, tmp_path, **train):
 
 
 def read_metrics(workdir, key):
+  """{step: value} of `key` in metrics.jsonl; each step must appear at most once."""
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f]
+  steps = [r["step"] for r in rows if key in r]
+  assert len(steps) == len(set(steps)), f"duplicate steps for {key}: {steps}"
   return {r["step"]: r[key] for r in rows if key in r}
 
 
@@ -135,6 +138,42 @@ def test_sigterm_saves_a_checkpoint_then_resume_finishes(data_dir, tmp_path):
   assert saved and saved[-1] == max(read_metrics(workdir, "train/loss"))
   resumed = inference.load_trained(str(workdir))
   assert resumed.step == saved[-1]
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(data_dir, tmp_path):
+  """SIGKILL (no chance to save): the rerun resumes from the last periodic checkpoint and
+  the metrics written after it by the killed run are replaced, not duplicated."""
+  workdir = tmp_path / "w"
+  proc = run_cli(workdir, data_dir, tmp_path, "--config.train.num_steps=100000",
+                 "--config.train.checkpoint_every=2", "--config.train.async_checkpoints=false",
+                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  while time.time() < deadline:
+    lines = (workdir / "metrics.jsonl").read_text() if (workdir / "metrics.jsonl").exists() else ""
+    if lines.count("train/loss") >= 5:
+      break
+    time.sleep(0.2)
+  proc.kill()
+  proc.wait()
+  saved = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  run_cli(workdir, data_dir, tmp_path, f"--config.train.num_steps={saved + 2}")
+  losses = read_metrics(workdir, "train/loss")  # asserts no duplicated steps
+  assert sorted(losses) == list(range(1, saved + 3))
+
+
+def test_llama_family_trains(data_dir, tmp_path):
+  sys.path.insert(0, str(REPO))
+  from configs import shakespeare_llama
+  config = shakespeare_llama.get_config("cpu")
+  config.model.update(dict(num_layers=2, num_heads=4, num_kv_heads=2, width=32, max_length=32))
+  config.train.update(dict(num_steps=40, batch_size=8, log_every=10, eval_every=40,
+                           warmup_steps=5, learning_rate=3e-3))
+  config.data.update(dict(local_dir=str(data_dir), num_eval_windows=64, eval_batch_size=32,
+                          tfds_data_dir=str(tmp_path / "tfds")))
+  result = loop.train_and_evaluate(config, str(tmp_path / "w"))
+  losses = read_metrics(tmp_path / "w", "train/loss")
+  assert losses[40] < losses[10] - 0.3
+  assert result["eval/loss"] < 3.5  # ln 65 = 4.17 is the uniform guess
 
 
 def test_trained_model_samples_text_in_the_corpus_alphabet(data_dir, tmp_path):

@@ -6,6 +6,8 @@ training code maps those names onto mesh axes with one rules table.
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -61,7 +63,12 @@ class Dense(nn.Module):
     kernel = self.param("kernel", normal_init(self.std, self.axes),
                         self.in_shape + self.out_shape, dtype_of(cfg.param_dtype))
     dtype = dtype_of(cfg.dtype)
-    out = jnp.tensordot(x.astype(dtype), kernel.astype(dtype), axes=len(self.in_shape))
+    # As one 2-D matmul [tokens, in] @ [in, out]: XLA's CPU dot kernels are much faster on
+    # these than on the equivalent multi-axis tensordot.
+    n_in, n_out = math.prod(self.in_shape), math.prod(self.out_shape)
+    lead = x.shape[:x.ndim - len(self.in_shape)]
+    out = (x.astype(dtype).reshape(-1, n_in) @ kernel.astype(dtype).reshape(n_in, n_out))
+    out = out.reshape(lead + self.out_shape)
     if self.use_bias:
       bias = self.param("bias", zeros_init(self.axes[len(self.in_shape):]), self.out_shape,
                         dtype_of(cfg.param_dtype))

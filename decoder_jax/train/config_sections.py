@@ -50,5 +50,9 @@ def base_config(*, model, train, data_overrides=None, mesh=None, seed=1337):
   config.data = default_data_config()
   for key, value in (data_overrides or {}).items():
     config.data[key] = value
-  config.mesh = ml_collections.ConfigDict(mesh or dict(data=-1, fsdp=1, tensor=1))
+  config.mesh = ml_collections.ConfigDict(dict(
+      data=-1, fsdp=1, tensor=1,
+      # Split a CPU-only host into this many JAX devices (None: JAX's default, one).
+      num_cpu_devices=config_dict.placeholder(int)))
+  config.mesh.update(mesh or {})
   return config

@@ -68,6 +68,21 @@ class _StopRequest:
       signal.signal(sig, handler)
 
 
+def split_host_cpu(num_devices) -> None:
+  """Presents the host CPU as `num_devices` JAX devices (a no-op for None).
+
+  XLA runs one CPU device's program on about one core, so on a CPU-only machine a
+  data-parallel mesh over several CPU devices is what puts every core to work.
+  """
+  if not num_devices:
+    return
+  try:
+    jax.config.update("jax_num_cpu_devices", int(num_devices))
+  except RuntimeError:  # the backend is already up (a notebook, a test): keep its devices
+    logging.warning("mesh.num_cpu_devices=%s ignored: JAX already initialised %d devices",
+                    num_devices, jax.device_count())
+
+
 def _global_batch(local_batch: dict, batch_sharding) -> dict:
   return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
           for k, v in local_batch.items()}
@@ -89,6 +104,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
   metrics (including the final "eval/loss").
   """
   train_cfg = config.train
+  split_host_cpu(config.mesh.get("num_cpu_devices"))
   mesh = sharding.make_mesh(config.mesh, devices)
   check_batch_layout(train_cfg, mesh)
   if config.data.eval_batch_size % sharding.data_parallel_size(mesh):
@@ -128,10 +144,10 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
   eval_step = jax.jit(steps.make_eval_step(model),
                       in_shardings=(state_shardings.params, batch_sharding))
 
-  writer = MetricWriter(workdir, enabled=is_writer)
+  step = int(state.step)
+  writer = MetricWriter(workdir, enabled=is_writer, resume_step=step)
   num_steps = train_cfg.num_steps
   stop_at = train_cfg.get("stop_at_step") or num_steps
-  step = int(state.step)
   progress = Progress(num_steps, train_cfg.batch_size * model_config.max_length, step)
   pending = []  # device metrics since the last log, fetched together to avoid syncs
   last = {}

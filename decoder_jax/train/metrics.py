@@ -13,18 +13,24 @@ from absl import logging
 class MetricWriter:
   """Appends {"step": int, name: value, ...} lines to metrics.jsonl and TensorBoard.
 
-  Only process 0 writes; every line is flushed so a crash loses nothing written.
+  Only process 0 writes; every line is flushed so a crash loses nothing written. A run
+  resumed from step N first drops lines after N (written by the interrupted run after its
+  last checkpoint), so each step appears once.
   """
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True, resume_step: int = 0):
     self.enabled = enabled
     self._jsonl = None
     self._tb = None
     if enabled:
       os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+      path = os.path.join(workdir, "metrics.jsonl")
+      if resume_step and os.path.exists(path):
+        _drop_lines_after(path, resume_step)
+      self._jsonl = open(path, "a", encoding="utf-8")
       from tensorboardX import SummaryWriter  # imported lazily: only the writing process needs it
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                               purge_step=resume_step + 1 if resume_step else None)
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
     if not self.enabled:
@@ -39,6 +45,20 @@ class MetricWriter:
     if self.enabled:
       self._jsonl.close()
       self._tb.close()
+
+
+def _drop_lines_after(path: str, step: int) -> None:
+  kept = []
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      try:
+        if json.loads(line)["step"] <= step:
+          kept.append(line)
+      except ValueError:  # a line torn by a crash mid-write
+        continue
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    f.writelines(kept)
+  os.replace(path + ".tmp", path)  # atomic: a crash here leaves the old or the new file
 
 
 class Progress:
