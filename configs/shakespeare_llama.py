@@ -3,7 +3,8 @@ shakespeare characters, to show the second family trains on the same data.
 
   python -m decoder_jax.train --config=configs/shakespeare_llama.py:cpu --workdir=/tmp/shakespeare_llama
 
-  Expected (arg cpu): final eval/loss about 1.9 after 2000 steps, a few minutes on 2 cores.
+  Expected (arg cpu): final eval/loss about 1.67 after 2000 steps (measured 1.6665), about
+  2.5 minutes on 2 cores.
 """
 
 from decoder_jax.train import config_sections as common

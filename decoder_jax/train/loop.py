@@ -152,33 +152,36 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
   pending = []  # device metrics since the last log, fetched together to avoid syncs
   last = {}
   start = time.perf_counter()
-  with _StopRequest() as stop, jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-    while step < min(num_steps, stop_at) and stop.signal_name is None:
-      batch = _global_batch(next(datasets.train_iter), batch_sharding)
-      state, metrics = train_step(state, batch, dropout_rng)
-      step += 1
-      pending.append(metrics)
-      is_last = step == num_steps
-      if step % train_cfg.log_every == 0 or is_last:
-        fetched = jax.device_get(pending)
-        pending = []
-        last = {"train/loss": float(np.mean([m["loss"] for m in fetched])),
-                "train/grad_norm": float(fetched[-1]["grad_norm"]),
-                "train/learning_rate": float(optimizer.learning_rate_schedule(train_cfg)(step - 1)),
-                **progress.rates(step)}
-        writer.write(step, last)
-        progress.log(step, last)
-      if step % train_cfg.eval_every == 0 or is_last:
-        eval_loss = evaluate(eval_step, state.params, datasets, batch_sharding)
-        writer.write(step, {"eval/loss": eval_loss})
-        logging.info("step %d  eval/loss=%.4f", step, eval_loss)
-        last["eval/loss"] = eval_loss
-      force = is_last or step == stop_at or stop.signal_name is not None
-      if force or manager.should_save(step):
-        checkpoint.save(manager, step, state, datasets.train_iter.get_state(), force=force)
-  manager.wait_until_finished()
-  manager.close()
-  writer.close()
+  try:
+    with (_StopRequest() as stop, jax.set_mesh(mesh),
+          nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES)):
+      while step < min(num_steps, stop_at) and stop.signal_name is None:
+        batch = _global_batch(next(datasets.train_iter), batch_sharding)
+        state, metrics = train_step(state, batch, dropout_rng)
+        step += 1
+        pending.append(metrics)
+        is_last = step == num_steps
+        if step % train_cfg.log_every == 0 or is_last:
+          fetched = jax.device_get(pending)
+          pending = []
+          last = {"train/loss": float(np.mean([m["loss"] for m in fetched])),
+                  "train/grad_norm": float(fetched[-1]["grad_norm"]),
+                  "train/learning_rate": float(optimizer.learning_rate_schedule(train_cfg)(step - 1)),
+                  **progress.rates(step)}
+          writer.write(step, last)
+          progress.log(step, last)
+        if step % train_cfg.eval_every == 0 or is_last:
+          eval_loss = evaluate(eval_step, state.params, datasets, batch_sharding)
+          writer.write(step, {"eval/loss": eval_loss})
+          logging.info("step %d  eval/loss=%.4f", step, eval_loss)
+          last["eval/loss"] = eval_loss
+        force = is_last or step == stop_at or stop.signal_name is not None
+        if force or manager.should_save(step):
+          checkpoint.save(manager, step, state, datasets.train_iter.get_state(), force=force)
+  finally:  # an exception still lets an in-flight checkpoint finish writing
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
   if stop.signal_name is not None:
     logging.warning("stopped by %s at step %d; checkpoint saved in %s", stop.signal_name, step,
                     workdir)
