@@ -19,9 +19,19 @@ def shared_data_dir() -> pathlib.Path:
   return pathlib.Path(env) if env else REPO.parent / "shared" / "data"
 
 
-@pytest.fixture(scope="session")
-def data_dir() -> pathlib.Path:
+def require_corpora() -> pathlib.Path:
+  """The corpora folder. Missing, the test fails (so a misconfigured CI cannot pass by
+  skipping) unless DECODER_JAX_SKIP_DATA_TESTS=1 asks for a skip."""
   path = shared_data_dir()
   if not (path / "tiny_shakespeare" / "input.txt").exists():
-    pytest.skip(f"corpora not found at {path}; set DECODER_JAX_DATA")
+    message = (f"corpora not found at {path}: set DECODER_JAX_DATA to a folder holding "
+               "tiny_shakespeare/input.txt (or DECODER_JAX_SKIP_DATA_TESTS=1 to skip)")
+    if os.environ.get("DECODER_JAX_SKIP_DATA_TESTS") == "1":
+      pytest.skip(message)
+    pytest.fail(message)
   return path
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> pathlib.Path:
+  return require_corpora()

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from conftest import require_corpora, shared_data_dir
 from decoder_jax.data import pipeline, text_corpus
 from decoder_jax.data.tokenizers import (
     CharTokenizer,
@@ -15,10 +16,9 @@ from decoder_jax.data.tokenizers import (
     save_tokenizer,
 )
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = shared_data_dir()
 SHAKESPEARE = DATA / "tiny_shakespeare" / "input.txt"
-needs_shakespeare = pytest.mark.skipif(
-    not SHAKESPEARE.exists(), reason=f"tiny shakespeare not found at {SHAKESPEARE}")
+needs_shakespeare = pytest.mark.usefixtures("data_dir")  # fails with a clear message if absent
 
 SEQ_LEN, BATCH = 64, 12
 
@@ -31,8 +31,7 @@ def tfds_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def shakespeare_text():
-  if not SHAKESPEARE.exists():
-    pytest.skip(f"tiny shakespeare not found at {SHAKESPEARE}")
+  require_corpora()
   return SHAKESPEARE.read_text(encoding="utf-8")
 
 
