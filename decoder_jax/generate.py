@@ -1,8 +1,17 @@
 """Entry point: sample text from a trained workdir.
 
-  python -m decoder_jax.generate --workdir=DIR --prompt="ROMEO:" --max_new_tokens=500 \
+  python -m decoder_jax.generate --workdir=DIR --prompt="ROMEO:" --max_new_tokens=500 \\
       --temperature=0.8 --top_k=200 --seed=0
+  python -m decoder_jax.generate --workdir=DIR --prompts_file=prompts.txt --num_beams=4 \\
+      --max_new_tokens=32 --output=out.jsonl
+
+One prompt with one sample may run past the model's context (window by window); a batch
+(--prompts_file, --num_samples, --num_beams) must fit the context. --output writes one
+JSON object per prompt: {"prompt", "text", "tokens", "logprob"} for the first sample (the
+best beam), and "samples" holding every sample or beam.
 """
+
+import json
 
 from absl import app, flags, logging
 
@@ -11,9 +20,17 @@ from decoder_jax.train.metrics import quiet_library_logs
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "training workdir holding checkpoints")
 _PROMPT = flags.DEFINE_string("prompt", "\n", "text to continue")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 500, "tokens to generate")
+_PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "one prompt per line (overrides --prompt)")
+_OUTPUT = flags.DEFINE_string("output", None, "write JSONL results here")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 500, "tokens to generate at most")
+_MIN_NEW = flags.DEFINE_integer("min_new_tokens", 0, "tokens to generate before a stop counts")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "softmax temperature; 0 = greedy")
 _TOP_K = flags.DEFINE_integer("top_k", 200, "sample among the k likeliest tokens; 0 = all")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "nucleus: the likeliest tokens holding this mass")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "samples per prompt")
+_NUM_BEAMS = flags.DEFINE_integer("num_beams", 1, "beam search with this many beams (> 1)")
+_LENGTH_PENALTY = flags.DEFINE_float("length_penalty", 1.0, "beam score = logprob / length**this")
+_STOP = flags.DEFINE_multi_string("stop", [], "stop after this token (one token each; repeatable)")
 _SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
 flags.mark_flag_as_required("workdir")
 
@@ -22,12 +39,36 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   quiet_library_logs()
+  sampler = decoding.make_sampler(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)  # validates
+  if _PROMPTS_FILE.value:
+    with open(_PROMPTS_FILE.value, encoding="utf-8") as f:
+      prompts = [line.rstrip("\n") for line in f if line.strip()]
+    if not prompts:
+      raise app.UsageError(f"{_PROMPTS_FILE.value} holds no prompts")
+  else:
+    prompts = [_PROMPT.value]
   trained = inference.load_trained(_WORKDIR.value)
   logging.info("loaded step %d from %s", trained.step, _WORKDIR.value)
-  sampler = decoding.make_sampler(_TEMPERATURE.value, _TOP_K.value)
-  text = inference.complete(trained, _PROMPT.value, max_new_tokens=_MAX_NEW.value,
-                            sampler=sampler, seed=_SEED.value)
-  print(_PROMPT.value + text)
+  single = len(prompts) == 1 and _NUM_SAMPLES.value == 1 and _NUM_BEAMS.value == 1
+  if single and not _STOP.value and not _MIN_NEW.value and not _OUTPUT.value:
+    text = inference.complete(trained, prompts[0], max_new_tokens=_MAX_NEW.value,
+                              sampler=sampler, seed=_SEED.value)
+    print(prompts[0] + text)
+    return
+  results = inference.generate_batch(
+      trained, prompts, max_new_tokens=_MAX_NEW.value, sampler=sampler, seed=_SEED.value,
+      num_samples=_NUM_SAMPLES.value, num_beams=_NUM_BEAMS.value,
+      min_new_tokens=_MIN_NEW.value, stop=tuple(_STOP.value),
+      length_penalty=_LENGTH_PENALTY.value)
+  lines = [json.dumps({"prompt": r["prompt"], **r["samples"][0], "samples": r["samples"]})
+           for r in results]
+  if _OUTPUT.value:
+    with open(_OUTPUT.value, "w", encoding="utf-8") as f:
+      f.write("\n".join(lines) + "\n")
+  for result in results:
+    for sample in result["samples"]:
+      print(result["prompt"] + sample["text"])
+      print("---")
 
 
 def run():

@@ -8,11 +8,13 @@ becomes the prompt of the next one (nanoGPT crops its context the same way, ever
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -56,20 +58,180 @@ def load_trained(workdir: str) -> TrainedModel:
                       int(state.step))
 
 
-@functools.partial(jax.jit, static_argnames=("model_config", "max_new_tokens", "sampler",
-                                             "eos_id"))
-def _generate_window(params, prompts, prompt_lengths, rng, *, model_config, max_new_tokens,
-                     sampler, eos_id):
+def param_shardings(model_config: ModelConfig, mesh):
+  """NamedShardings laying parameters out on `mesh` as training does."""
+  boxed = jax.eval_shape(
+      lambda: Decoder(model_config).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
+  return sharding.shardings_for(boxed["params"], mesh)
+
+
+def decoding_mesh(mesh):
+  """Context for decoding on `mesh`: the model's logical axis constraints apply to it."""
+  stack = contextlib.ExitStack()
+  stack.enter_context(jax.set_mesh(mesh))
+  stack.enter_context(nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES))
+  return stack
+
+
+def bucket_length(length: int, minimum: int = 8) -> int:
+  """The prompt bucket: the next power of two >= length (at least `minimum`), so a stream
+  of prompts of varying length compiles once per bucket, not once per length."""
+  return max(minimum, 1 << max(0, length - 1).bit_length())
+
+
+def pad_prompts(token_lists, bucket: bool = True, pad_id: int = 0, max_width: int | None = None):
+  """Right-pads token lists: (prompts int32 [batch, width], lengths int32 [batch]).
+
+  The width is the bucket of the longest list, capped at max_width (the room the context
+  leaves after the new tokens) but never below the longest list.
+  """
+  longest = max(len(t) for t in token_lists)
+  width = bucket_length(longest) if bucket else longest
+  if max_width is not None:
+    width = max(longest, min(width, max_width))
+  prompts = np.full((len(token_lists), width), pad_id, np.int32)
+  for row, tokens in enumerate(token_lists):
+    prompts[row, :len(tokens)] = tokens
+  return prompts, np.asarray([len(t) for t in token_lists], np.int32)
+
+
+def check_request(model_config: ModelConfig, prompt_length: int, max_new_tokens: int,
+                  min_new_tokens: int = 0, num_beams: int = 1, num_samples: int = 1) -> None:
+  """Raises ValueError for a request that cannot run, before anything is compiled."""
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  if not 0 <= min_new_tokens <= max_new_tokens:
+    raise ValueError(f"min_new_tokens must be in [0, max_new_tokens={max_new_tokens}], "
+                     f"got {min_new_tokens}")
+  if num_beams < 1:
+    raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+  if num_samples < 1:
+    raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+  if num_beams > 1 and num_samples > 1:
+    raise ValueError("num_samples > 1 samples; num_beams > 1 searches: choose one")
+  if prompt_length < 1:
+    raise ValueError("a prompt is empty and the tokenizer has no BOS token to start from")
+  if prompt_length + max_new_tokens > model_config.max_length:
+    raise ValueError(
+        f"a prompt of {prompt_length} tokens plus max_new_tokens={max_new_tokens} does not fit "
+        f"the model's context (max_length={model_config.max_length}); shorten the prompt or "
+        "ask for fewer tokens")
+
+
+def _tokens_to_logits(model_config: ModelConfig, params):
   model = Decoder(model_config)
 
   def tokens_to_logits(tokens, positions, cache):
     return model.apply({"params": params}, tokens, positions=positions, cache=cache)
 
-  cache = init_cache(model_config, prompts.shape[0], prompts.shape[1] + max_new_tokens,
-                     jnp.dtype(model_config.dtype))
-  return decoding.generate(tokens_to_logits, cache, prompts, prompt_lengths,
-                           max_new_tokens=max_new_tokens, sampler=sampler, rng=rng,
-                           eos_id=eos_id)
+  return tokens_to_logits
+
+
+def _empty_cache(model_config: ModelConfig, prompts, max_new_tokens: int):
+  return init_cache(model_config, prompts.shape[0], prompts.shape[1] + max_new_tokens,
+                    jnp.dtype(model_config.dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("model_config", "max_new_tokens", "sampler",
+                                             "eos_id", "min_new_tokens"))
+def generate_tokens(params, prompts, prompt_lengths, rng, stop_ids=None, *,
+                    model_config: ModelConfig, max_new_tokens: int, sampler, eos_id=None,
+                    min_new_tokens: int = 0) -> decoding.DecodeResult:
+  """Samples after right-padded prompts [batch, length] with a KV cache: one program."""
+  return decoding.generate(_tokens_to_logits(model_config, params),
+                           _empty_cache(model_config, prompts, max_new_tokens), prompts,
+                           prompt_lengths, max_new_tokens=max_new_tokens, sampler=sampler,
+                           rng=rng, eos_id=eos_id, stop_ids=stop_ids,
+                           min_new_tokens=min_new_tokens)
+
+
+@functools.partial(jax.jit, static_argnames=("model_config", "num_beams", "max_new_tokens",
+                                             "length_penalty", "eos_id", "min_new_tokens"))
+def beam_search_tokens(params, prompts, prompt_lengths, *, model_config: ModelConfig,
+                       num_beams: int, max_new_tokens: int, length_penalty: float = 1.0,
+                       eos_id=None, min_new_tokens: int = 0):
+  """Beam search after right-padded prompts: BeamResult with the beams best first."""
+  return decoding.beam_search(_tokens_to_logits(model_config, params),
+                              _empty_cache(model_config, prompts, max_new_tokens), prompts,
+                              prompt_lengths, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                              length_penalty=length_penalty, eos_id=eos_id,
+                              min_new_tokens=min_new_tokens,
+                              cache_batch_axis=1 if model_config.scan_layers else 0)
+
+
+@functools.partial(jax.jit, static_argnames=("model_config",))
+def score_tokens(params, tokens, prompt_lengths, total_lengths, *, model_config: ModelConfig):
+  """Log-likelihood of tokens[prompt_length:total_length] per row (float32 [batch])."""
+  model = Decoder(model_config)
+  logits_fn = lambda t: model.apply({"params": params}, t)[0]  # noqa: E731
+  return decoding.continuation_logprobs(logits_fn, tokens, prompt_lengths, total_lengths)[0]
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+  """Token ids of a prompt; an empty prompt starts from BOS when the tokenizer has one."""
+  ids = list(tokenizer.encode(text))
+  bos = getattr(tokenizer, "bos_id", None)
+  if not ids and bos is not None:
+    ids = [bos]
+  return ids
+
+
+def stop_token_ids(tokenizer, stop_strings) -> list[int]:
+  """The token id of each stop string; each must be exactly one token."""
+  ids = []
+  for text in stop_strings:
+    encoded = list(tokenizer.encode(text))
+    if len(encoded) != 1:
+      raise ValueError(f"stop string {text!r} is {len(encoded)} tokens {encoded}; a stop must be "
+                       "exactly one token of this tokenizer")
+    ids.append(encoded[0])
+  return ids
+
+
+def generate_batch(trained: TrainedModel, prompts: list[str], *, max_new_tokens: int,
+                   sampler=None, seed: int = 0, num_samples: int = 1, num_beams: int = 1,
+                   min_new_tokens: int = 0, stop: tuple[str, ...] = (),
+                   length_penalty: float = 1.0) -> list[dict]:
+  """Completes every prompt in one batch. Returns, per prompt, {"prompt", "samples": [{"text",
+  "tokens", "logprob"}, ...]} with num_samples samples (or num_beams beams, best first)."""
+  tokenizer, config = trained.tokenizer, trained.config
+  token_lists = [encode_prompt(tokenizer, p) for p in prompts]
+  stop_ids = stop_token_ids(tokenizer, stop)
+  eos_id = getattr(tokenizer, "eos_id", None)
+  for tokens in token_lists:
+    check_request(config, len(tokens), max_new_tokens, min_new_tokens, num_beams, num_samples)
+  sampler = decoding.Greedy() if sampler is None else sampler
+  repeated = [t for t in token_lists for _ in range(num_samples)]
+  prompt_array, lengths = pad_prompts(repeated, max_width=config.max_length - max_new_tokens)
+  if num_beams > 1:
+    result = beam_search_tokens(trained.params, prompt_array, lengths, model_config=config,
+                                num_beams=num_beams, max_new_tokens=max_new_tokens,
+                                length_penalty=length_penalty, eos_id=eos_id,
+                                min_new_tokens=min_new_tokens)
+    tokens, out_lengths, scores = (np.asarray(result.tokens), np.asarray(result.lengths),
+                                   np.asarray(result.scores))
+    per_prompt = [[(tokens[i, b], out_lengths[i, b], scores[i, b]) for b in range(num_beams)]
+                  for i in range(len(prompts))]
+  else:
+    stop_array = np.full((len(repeated), max(1, len(stop_ids))), -1, np.int32)
+    stop_array[:, :len(stop_ids)] = stop_ids
+    result = generate_tokens(trained.params, prompt_array, lengths, jax.random.key(seed),
+                             stop_array, model_config=config, max_new_tokens=max_new_tokens,
+                             sampler=sampler, eos_id=eos_id, min_new_tokens=min_new_tokens)
+    tokens, out_lengths = np.asarray(result.tokens), np.asarray(result.lengths)
+    logprob = np.asarray(result.logprobs).sum(axis=1)
+    rows = [(tokens[r], out_lengths[r], logprob[r]) for r in range(len(repeated))]
+    per_prompt = [rows[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]
+  outputs = []
+  for prompt, candidates in zip(prompts, per_prompt):
+    samples = []
+    for row_tokens, length, logprob in candidates:
+      ids = row_tokens[:length].tolist()
+      text_ids = ids[:-1] if ids and (ids[-1] == eos_id or ids[-1] in stop_ids) else ids
+      samples.append({"text": tokenizer.decode(text_ids), "tokens": ids,
+                      "logprob": float(logprob)})
+    outputs.append({"prompt": prompt, "samples": samples})
+  return outputs
 
 
 def complete(trained: TrainedModel, prompt: str, *, max_new_tokens: int, sampler,
@@ -89,7 +251,7 @@ def complete(trained: TrainedModel, prompt: str, *, max_new_tokens: int, sampler
   while len(new) < max_new_tokens:
     budget = min(max_new_tokens - len(new), context - len(window))
     rng, window_rng = jax.random.split(rng)
-    result = _generate_window(trained.params, jnp.asarray([window], jnp.int32),
+    result = generate_tokens(trained.params, jnp.asarray([window], jnp.int32),
                               jnp.asarray([len(window)], jnp.int32), window_rng,
                               model_config=trained.config, max_new_tokens=budget,
                               sampler=sampler, eos_id=eos_id)

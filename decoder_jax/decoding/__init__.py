@@ -1,7 +1,8 @@
 """Autoregressive decoding against a `tokens_to_logits` callback; never imports model code."""
 
-from decoder_jax.decoding.samplers import Greedy, Temperature, TopK, make_sampler
+from decoder_jax.decoding.samplers import Greedy, Temperature, TopK, TopP, make_sampler
 from decoder_jax.decoding.loop import DecodeState, DecodeResult, generate
+from decoder_jax.decoding.scoring import continuation_logprobs
 
-__all__ = ["Greedy", "Temperature", "TopK", "make_sampler", "DecodeState", "DecodeResult",
-           "generate"]
+__all__ = ["Greedy", "Temperature", "TopK", "TopP", "make_sampler", "DecodeState", "DecodeResult",
+           "generate", "continuation_logprobs"]

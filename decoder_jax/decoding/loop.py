@@ -23,7 +23,8 @@ class DecodeState:
   last_token: jax.Array  # int32 [batch]: the token to feed next
   position: jax.Array  # int32 [batch]: the position of last_token
   generated: jax.Array  # int32 [batch, max_new_tokens]: output, pad_id after a row stops
-  done: jax.Array  # bool [batch]: the row has emitted eos
+  logprobs: jax.Array  # float32 [batch, max_new_tokens]: model log-probability of each token
+  done: jax.Array  # bool [batch]: the row has emitted one of its stop tokens
   cache: Any  # the callback's KV cache pytree
   rng: jax.Array  # PRNG key
 
@@ -31,29 +32,74 @@ class DecodeState:
 @struct.dataclass
 class DecodeResult:
   tokens: jax.Array  # int32 [batch, max_new_tokens], pad_id after each row's end
-  lengths: jax.Array  # int32 [batch]: generated tokens per row (eos included)
+  lengths: jax.Array  # int32 [batch]: generated tokens per row (the stop token included)
+  logprobs: jax.Array  # float32 [batch, max_new_tokens]: log p(token | prefix), 0 after the end
+
+
+def stop_table(batch: int, eos_id: int | None, stop_ids=None):
+  """int32 [batch, num_stop] of stop tokens per row; -1 marks an unused slot."""
+  columns = []
+  if eos_id is not None:
+    columns.append(jnp.full((batch, 1), eos_id, jnp.int32))
+  if stop_ids is not None:
+    columns.append(jnp.asarray(stop_ids, jnp.int32).reshape(batch, -1))
+  if not columns:
+    return jnp.full((batch, 1), -1, jnp.int32)
+  return jnp.concatenate(columns, axis=1)
+
+
+def mask_stop_tokens(logits, stops):
+  """-inf on each row's stop tokens: logits [batch, vocab], stops [batch, num_stop]."""
+  vocab = logits.shape[-1]
+  rows = jnp.arange(logits.shape[0])[:, None]
+  # -1 (unused) becomes an out-of-range index, which mode="drop" ignores.
+  is_stop = jnp.zeros(logits.shape, bool).at[rows, jnp.where(stops < 0, vocab, stops)].set(
+      True, mode="drop")
+  return jnp.where(is_stop, -jnp.inf, logits)
 
 
 def generate(tokens_to_logits: Callable, cache, prompts, prompt_lengths, *, max_new_tokens: int,
-             sampler, rng, eos_id: int | None = None, pad_id: int = 0) -> DecodeResult:
-  """Decodes `max_new_tokens` after each prompt. Call it under jax.jit.
+             sampler, rng, eos_id: int | None = None, stop_ids=None, min_new_tokens: int = 0,
+             pad_id: int = 0) -> DecodeResult:
+  """Decodes up to `max_new_tokens` after each prompt. Call it under jax.jit.
 
   prompts: int32 [batch, prompt_len], right-padded; prompt_lengths: int32 [batch] (>= 1).
   cache: an empty cache with room for prompt_len + max_new_tokens positions.
+  stop_ids: optional int32 [batch, num_stop] extra stop tokens per row (-1 = none); a row
+  stops after emitting eos_id or one of its stop tokens, but not before min_new_tokens.
   Each row continues from its own length, so a ragged batch decodes as each row alone.
   """
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  if not 0 <= min_new_tokens <= max_new_tokens:
+    raise ValueError(f"min_new_tokens must be in [0, max_new_tokens={max_new_tokens}], "
+                     f"got {min_new_tokens}")
   batch, prompt_len = prompts.shape
+  stops = stop_table(batch, eos_id, stop_ids)  # [batch, num_stop]
+
+  def choose(logits, step_rng, step, done):
+    """Samples the token at `step` for rows not done: (token, logprob, done) each [batch]."""
+    logits = logits.astype(jnp.float32)
+    logits = jnp.where(step < min_new_tokens, mask_stop_tokens(logits, stops), logits)
+    token = sampler(logits, step_rng)
+    logprob = jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], axis=1)[:, 0]
+    token = jnp.where(done, pad_id, token)
+    logprob = jnp.where(done, 0.0, logprob)
+    done = done | jnp.any(token[:, None] == stops, axis=1)
+    return token, logprob, done
+
   positions = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), (batch, prompt_len))
   logits, cache = tokens_to_logits(prompts, positions, cache)  # [batch, prompt_len, vocab]
   last = prompt_lengths - 1  # [batch]
   last_logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]  # [batch, vocab]
   rng, first_rng = jax.random.split(rng)
-  first = sampler(last_logits, first_rng)  # [batch]
-  done = jnp.zeros((batch,), bool) if eos_id is None else first == eos_id
-  generated = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
-  state = DecodeState(step=jnp.array(1, jnp.int32), last_token=first,
-                      position=prompt_lengths.astype(jnp.int32), generated=generated, done=done,
-                      cache=cache, rng=rng)
+  first, first_logprob, done = choose(last_logits, first_rng, 0, jnp.zeros((batch,), bool))
+  state = DecodeState(
+      step=jnp.array(1, jnp.int32), last_token=first,
+      position=prompt_lengths.astype(jnp.int32),
+      generated=jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first),
+      logprobs=jnp.zeros((batch, max_new_tokens), jnp.float32).at[:, 0].set(first_logprob),
+      done=done, cache=cache, rng=rng)
 
   def cond(s: DecodeState):
     return (s.step < max_new_tokens) & ~jnp.all(s.done)
@@ -61,18 +107,16 @@ def generate(tokens_to_logits: Callable, cache, prompts, prompt_lengths, *, max_
   def body(s: DecodeState):
     logits, cache = tokens_to_logits(s.last_token[:, None], s.position[:, None], s.cache)
     rng, step_rng = jax.random.split(s.rng)
-    token = sampler(logits[:, 0], step_rng)  # [batch]
-    token = jnp.where(s.done, pad_id, token)
-    generated = jax.lax.dynamic_update_slice(s.generated, token[:, None], (0, s.step))
-    done = s.done if eos_id is None else s.done | (token == eos_id)
-    return DecodeState(step=s.step + 1, last_token=token, position=s.position + 1,
-                       generated=generated, done=done, cache=cache, rng=rng)
+    token, logprob, done = choose(logits[:, 0], step_rng, s.step, s.done)
+    return DecodeState(
+        step=s.step + 1, last_token=token, position=s.position + 1,
+        generated=jax.lax.dynamic_update_slice(s.generated, token[:, None], (0, s.step)),
+        logprobs=jax.lax.dynamic_update_slice(s.logprobs, logprob[:, None], (0, s.step)),
+        done=done, cache=cache, rng=rng)
 
   state = jax.lax.while_loop(cond, body, state)
-  if eos_id is None:
-    lengths = jnp.full((batch,), state.step, jnp.int32)
-  else:
-    is_eos = state.generated == eos_id
-    first_eos = jnp.argmax(is_eos, axis=1)
-    lengths = jnp.where(is_eos.any(axis=1), first_eos + 1, state.step).astype(jnp.int32)
-  return DecodeResult(tokens=state.generated, lengths=lengths)
+  # A row's length: up to and including its first stop token, else every step taken.
+  is_stop = jnp.any(state.generated[:, :, None] == stops[:, None, :], axis=2)  # [batch, max_new]
+  first_stop = jnp.argmax(is_stop, axis=1)
+  lengths = jnp.where(is_stop.any(axis=1), first_stop + 1, state.step).astype(jnp.int32)
+  return DecodeResult(tokens=state.generated, lengths=lengths, logprobs=state.logprobs)

@@ -43,17 +43,60 @@ class TopK:
     Temperature(self.temperature)  # validates
 
   def __call__(self, logits, rng):
-    logits = logits.astype(jnp.float32) / self.temperature
-    k = min(self.k, logits.shape[-1])
-    kth = jax.lax.top_k(logits, k)[0][..., -1:]  # [batch, 1]
-    logits = jnp.where(logits < kth, -jnp.inf, logits)
+    logits = _top_k_logits(logits.astype(jnp.float32) / self.temperature, self.k)
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-def make_sampler(temperature: float = 1.0, top_k: int = 0):
-  """The sampler for command-line style arguments: temperature 0 means greedy."""
+def _top_k_logits(logits, k: int):
+  """logits with everything below the k-th largest per row set to -inf."""
+  k = min(k, logits.shape[-1])
+  kth = jax.lax.top_k(logits, k)[0][..., -1:]  # [batch, 1]
+  return jnp.where(logits < kth, -jnp.inf, logits)
+
+
+@dataclasses.dataclass(frozen=True)
+class TopP:
+  """Nucleus sampling: the smallest set of likeliest tokens whose probability reaches p,
+  at a temperature, optionally after keeping only the top_k (top_k=0: no top-k)."""
+  p: float
+  temperature: float = 1.0
+  top_k: int = 0
+
+  def __post_init__(self):
+    if not 0.0 < self.p <= 1.0:
+      raise ValueError(f"top_p must be in (0, 1], got {self.p}")
+    if self.top_k < 0:
+      raise ValueError(f"top_k must be >= 1 (or 0 for none), got {self.top_k}")
+    Temperature(self.temperature)  # validates
+
+  def __call__(self, logits, rng):
+    logits = logits.astype(jnp.float32) / self.temperature
+    if self.top_k:
+      logits = _top_k_logits(logits, self.top_k)
+    sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]  # [batch, vocab], descending
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    # Keep a token if the mass strictly before it is below p (the first is always kept).
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    kept = mass_before < self.p
+    threshold = jnp.min(jnp.where(kept, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < threshold, -jnp.inf, logits)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def make_sampler(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
+  """The sampler for command-line style arguments: temperature 0 means greedy, top_k 0
+  and top_p 1 mean no truncation. Invalid values raise ValueError here, before any
+  compilation."""
+  if temperature < 0:
+    raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+  if top_k < 0:
+    raise ValueError(f"top_k must be >= 1 (or 0 for none), got {top_k}")
+  if not 0.0 < top_p <= 1.0:
+    raise ValueError(f"top_p must be in (0, 1], got {top_p}")
   if temperature == 0:
     return Greedy()
-  if top_k and top_k > 0:
+  if top_p < 1.0:
+    return TopP(top_p, temperature, top_k)
+  if top_k > 0:
     return TopK(top_k, temperature)
   return Temperature(temperature)
