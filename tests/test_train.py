@@ -194,6 +194,24 @@ def test_trained_model_samples_text_in_the_corpus_alphabet(data_dir, tmp_path):
   out = cli.stdout.rstrip("\n")
   assert out.startswith("ROMEO:") and len(out) >= len("ROMEO:") + 15
   assert set(out) <= alphabet
+  # A batch from a prompts file, two samples each, stop at a newline, as JSONL.
+  (tmp_path / "prompts.txt").write_text("ROMEO:\nJULIET: O\n")
+  cli = subprocess.run([sys.executable, "-m", "decoder_jax.generate", f"--workdir={tmp_path/'w'}",
+                        f"--prompts_file={tmp_path/'prompts.txt'}", "--max_new_tokens=12",
+                        "--num_samples=2", "--stop=\n", "--top_p=0.9",
+                        f"--output={tmp_path/'out.jsonl'}"], cwd=REPO,
+                       env={**os.environ, "XLA_FLAGS": ""}, capture_output=True, text=True,
+                       timeout=300)
+  assert cli.returncode == 0, cli.stderr[-3000:]
+  rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+  assert [r["prompt"] for r in rows] == ["ROMEO:", "JULIET: O"]
+  for row in rows:
+    assert len(row["samples"]) == 2 and row["text"] == row["samples"][0]["text"]
+    for sample in row["samples"]:
+      assert 1 <= len(sample["tokens"]) <= 12 and sample["logprob"] < 0
+      assert "\n" not in sample["text"] and set(sample["text"]) <= alphabet
+      newline = trained.tokenizer.encode("\n")[0]
+      assert newline not in sample["tokens"][:-1]  # a newline can only be the last token
 
 
 def test_mesh_not_matching_devices_is_a_clear_error():
