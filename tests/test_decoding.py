@@ -109,4 +109,6 @@ def test_sampler_validation():
   with pytest.raises(ValueError, match="top_k"):
     decoding.TopK(k=0)
   assert decoding.make_sampler(0.0, 10) == decoding.Greedy()
+  assert decoding.make_sampler(0.8) == decoding.Temperature(0.8)
+  assert decoding.make_sampler(0.8, 5, 0.9) == decoding.TopP(0.9, 0.8, 5)
   assert decoding.make_sampler(0.8, 5) == decoding.TopK(5, 0.8)

@@ -152,7 +152,7 @@ def test_bad_requests_fail_before_compiling(trained, kwargs, message):
 
 
 @pytest.mark.parametrize("args, message", [
-    (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k"),
+    (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=0), "top_k"),
     (dict(temperature=-0.5), "temperature"),
 ])
 def test_bad_sampler_arguments(args, message):

@@ -57,16 +57,16 @@ def _top_k_logits(logits, k: int):
 @dataclasses.dataclass(frozen=True)
 class TopP:
   """Nucleus sampling: the smallest set of likeliest tokens whose probability reaches p,
-  at a temperature, optionally after keeping only the top_k (top_k=0: no top-k)."""
+  at a temperature, optionally after keeping only the top_k (None: no top-k)."""
   p: float
   temperature: float = 1.0
-  top_k: int = 0
+  top_k: int | None = None
 
   def __post_init__(self):
     if not 0.0 < self.p <= 1.0:
       raise ValueError(f"top_p must be in (0, 1], got {self.p}")
-    if self.top_k < 0:
-      raise ValueError(f"top_k must be >= 1 (or 0 for none), got {self.top_k}")
+    if self.top_k is not None and self.top_k < 1:
+      raise ValueError(f"top_k must be >= 1 (or None for no top-k), got {self.top_k}")
     Temperature(self.temperature)  # validates
 
   def __call__(self, logits, rng):
@@ -83,20 +83,20 @@ class TopP:
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-def make_sampler(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
-  """The sampler for command-line style arguments: temperature 0 means greedy, top_k 0
+def make_sampler(temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0):
+  """The sampler for command-line style arguments: temperature 0 means greedy, top_k None
   and top_p 1 mean no truncation. Invalid values raise ValueError here, before any
   compilation."""
   if temperature < 0:
     raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-  if top_k < 0:
-    raise ValueError(f"top_k must be >= 1 (or 0 for none), got {top_k}")
+  if top_k is not None and top_k < 1:
+    raise ValueError(f"top_k must be >= 1 (or None for no top-k), got {top_k}")
   if not 0.0 < top_p <= 1.0:
     raise ValueError(f"top_p must be in (0, 1], got {top_p}")
   if temperature == 0:
     return Greedy()
   if top_p < 1.0:
     return TopP(top_p, temperature, top_k)
-  if top_k > 0:
+  if top_k is not None:
     return TopK(top_k, temperature)
   return Temperature(temperature)
