@@ -3,6 +3,7 @@
 from decoder_jax.decoding.samplers import Greedy, Temperature, TopK, TopP, make_sampler
 from decoder_jax.decoding.loop import DecodeState, DecodeResult, generate
 from decoder_jax.decoding.scoring import continuation_logprobs
+from decoder_jax.decoding.beam_search import BeamResult, beam_search
 
 __all__ = ["Greedy", "Temperature", "TopK", "TopP", "make_sampler", "DecodeState", "DecodeResult",
-           "generate", "continuation_logprobs"]
+           "generate", "continuation_logprobs", "BeamResult", "beam_search"]
