@@ -158,3 +158,17 @@ def test_bad_requests_fail_before_compiling(trained, kwargs, message):
 def test_bad_sampler_arguments(args, message):
   with pytest.raises(ValueError, match=message):
     decoding.make_sampler(**args)
+
+
+def test_beam_search_through_the_batch_api_scores_its_beams(trained):
+  result = inference.generate_batch(trained, ["the cat", "a"], max_new_tokens=6, num_beams=3,
+                                    length_penalty=0.0)
+  prompt_ids = [inference.encode_prompt(trained.tokenizer, p) for p in ["the cat", "a"]]
+  for ids, row in zip(prompt_ids, result):
+    scores = [s["logprob"] for s in row["samples"]]
+    assert len(scores) == 3 and scores == sorted(scores, reverse=True)
+    for sample in row["samples"]:
+      tokens = np.asarray([ids + sample["tokens"]], np.int32)
+      score = inference.score_tokens(trained.params, tokens, np.asarray([len(ids)]),
+                                     np.asarray([tokens.shape[1]]), model_config=CONFIG)
+      np.testing.assert_allclose(float(score[0]), sample["logprob"], atol=1e-4)
