@@ -3,7 +3,9 @@
 Both expose the same small surface: `vocab_size`, `eos_id`, `encode(text) -> list[int]`,
 `encode_array(text) -> int32 array`, `decode(ids) -> str`. `save_tokenizer` /
 `load_tokenizer` store one in a directory (a training workdir, possibly on GCS) so that
-`generate` can rebuild exactly the tokenizer a model was trained with.
+`generate` can rebuild exactly the tokenizer a model was trained with. A Hugging Face
+`tokenizer.json` tokenizer (decoder_jax.interop.hf_tokenizer.HFTokenizer) has the same
+surface and is saved and loaded by the same two functions.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from etils import epath
 
 _DESCRIPTOR = "tokenizer.json"
 _SPM_FILE = "tokenizer.model"
+_HF_DIR = "hf_tokenizer"  # HF's own files (one also named tokenizer.json) go in a subfolder
 
 
 def _as_flat_ids(ids) -> np.ndarray:
@@ -195,6 +198,9 @@ def save_tokenizer(tokenizer: Tokenizer, directory: str | os.PathLike) -> None:
   elif isinstance(tokenizer, SentencePieceTokenizer):
     (directory / _SPM_FILE).write_bytes(tokenizer.model_proto)
     descriptor = {"type": "sentencepiece", "model_file": _SPM_FILE}
+  elif type(tokenizer).__name__ == "HFTokenizer":  # by name: `tokenizers` is optional
+    tokenizer.save(directory / _HF_DIR)
+    descriptor = {"type": "huggingface", "directory": _HF_DIR}
   else:
     raise TypeError(f"Cannot save tokenizer of type {type(tokenizer).__name__}.")
   descriptor["vocab_size"] = tokenizer.vocab_size
@@ -202,7 +208,7 @@ def save_tokenizer(tokenizer: Tokenizer, directory: str | os.PathLike) -> None:
 
 
 def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
-  """Inverse of `save_tokenizer`."""
+  """Inverse of `save_tokenizer`; also reads a Hugging Face model directory directly."""
   descriptor_path = epath.Path(directory) / _DESCRIPTOR
   if not descriptor_path.exists():
     raise FileNotFoundError(
@@ -210,10 +216,16 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
     )
   descriptor = json.loads(descriptor_path.read_text())
   kind = descriptor.get("type")
+  if kind is None and "model" in descriptor:  # Hugging Face's own tokenizer.json
+    from decoder_jax.interop.hf_tokenizer import HFTokenizer
+    return HFTokenizer.load(directory)
   if kind == "char":
     tokenizer = CharTokenizer(list(descriptor["chars"]))
   elif kind == "sentencepiece":
     tokenizer = SentencePieceTokenizer.load(epath.Path(directory) / descriptor["model_file"])
+  elif kind == "huggingface":
+    from decoder_jax.interop.hf_tokenizer import HFTokenizer
+    tokenizer = HFTokenizer.load(epath.Path(directory) / descriptor["directory"])
   else:
     raise ValueError(f"{descriptor_path}: unknown tokenizer type {kind!r}.")
   if tokenizer.vocab_size != descriptor.get("vocab_size", tokenizer.vocab_size):

@@ -45,12 +45,13 @@ class SelfAttention(nn.Module):
     Returns (out [batch, length, embed], updated cache or None).
     """
     cfg = self.config
+    bias = cfg.has_qkv_bias
     q = layers.dense((cfg.num_heads, cfg.head_dim), ("embed", "heads", "kv"), cfg,
-                     cfg.init_std, "query")(x)  # [batch, length, heads, head_dim]
+                     cfg.init_std, "query", bias)(x)  # [batch, length, heads, head_dim]
     k = layers.dense((cfg.kv_heads, cfg.head_dim), ("embed", "kv_heads", "kv"), cfg,
-                     cfg.init_std, "key")(x)  # [batch, length, kv_heads, head_dim]
+                     cfg.init_std, "key", bias)(x)  # [batch, length, kv_heads, head_dim]
     v = layers.dense((cfg.kv_heads, cfg.head_dim), ("embed", "kv_heads", "kv"), cfg,
-                     cfg.init_std, "value")(x)
+                     cfg.init_std, "value", bias)(x)
     if cfg.use_rope:
       cos, sin = layers.rotary_tables(positions, cfg.head_dim, cfg.rope_theta)
       q = layers.apply_rotary(q, cos, sin)

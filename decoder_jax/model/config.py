@@ -24,7 +24,11 @@ class ModelConfig:
   width: int = 768  # d_model
   mlp_width: Optional[int] = None  # None: 4*width (gpt2) or SwiGLU's 8/3*width rounded (llama)
   max_length: int = 1024  # context length; size of the learned position table
-  use_bias: bool = True
+  use_bias: bool = True  # every bias not overridden below (attention out, LayerNorm, ...)
+  # Per-projection overrides (None: follow use_bias): Qwen2 has q/k/v biases and no other;
+  # Llama's attention_bias / mlp_bias switch attention and MLP biases separately.
+  qkv_bias: Optional[bool] = None
+  mlp_bias: Optional[bool] = None
   tie_embeddings: bool = True
   dropout: float = 0.0
   norm_eps: float = 1e-5
@@ -76,6 +80,14 @@ class ModelConfig:
       return 4 * self.width
     # SwiGLU keeps the parameter count of a 4x GELU MLP: 2/3 * 4 * width, rounded up to 64.
     return -(-int(8 * self.width / 3) // 64) * 64
+
+  @property
+  def has_qkv_bias(self) -> bool:
+    return self.use_bias if self.qkv_bias is None else self.qkv_bias
+
+  @property
+  def has_mlp_bias(self) -> bool:
+    return self.use_bias if self.mlp_bias is None else self.mlp_bias
 
   @property
   def use_rope(self) -> bool:

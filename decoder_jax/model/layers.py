@@ -100,15 +100,16 @@ class Mlp(nn.Module):
   def __call__(self, x):  # [batch, length, embed]
     cfg = self.config
     hidden = cfg.hidden_width
+    bias = cfg.has_mlp_bias
     if cfg.family == "llama":
-      gate = dense(hidden, ("embed", "mlp"), cfg, cfg.init_std, "gate")(x)
-      up = dense(hidden, ("embed", "mlp"), cfg, cfg.init_std, "up")(x)
+      gate = dense(hidden, ("embed", "mlp"), cfg, cfg.init_std, "gate", bias)(x)
+      up = dense(hidden, ("embed", "mlp"), cfg, cfg.init_std, "up", bias)(x)
       h = nn.silu(gate) * up  # [batch, length, mlp]
     else:
-      h = dense(hidden, ("embed", "mlp"), cfg, cfg.init_std, "up")(x)
+      h = dense(hidden, ("embed", "mlp"), cfg, cfg.init_std, "up", bias)(x)
       h = nn.gelu(h, approximate=True)  # [batch, length, mlp]
     h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
-    out = dense(cfg.width, ("mlp", "embed"), cfg, residual_std(cfg), "down")(h)
+    out = dense(cfg.width, ("mlp", "embed"), cfg, residual_std(cfg), "down", bias)(h)
     return nn.Dropout(cfg.dropout)(out, deterministic=self.deterministic)
 
 

@@ -13,6 +13,8 @@ def model_section(**fields) -> ml_collections.ConfigDict:
   values["vocab_size"] = config_dict.placeholder(int)  # None: taken from the tokenizer
   values["num_kv_heads"] = config_dict.placeholder(int)  # None: as many as query heads
   values["mlp_width"] = config_dict.placeholder(int)
+  values["qkv_bias"] = config_dict.placeholder(bool)  # None: follows use_bias
+  values["mlp_bias"] = config_dict.placeholder(bool)
   values.update(fields)
   return ml_collections.ConfigDict(values)
 
