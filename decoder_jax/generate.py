@@ -1,7 +1,9 @@
-"""Entry point: sample text from a trained workdir.
+"""Entry point: sample text from a trained workdir or a pretrained model.
 
   python -m decoder_jax.generate --workdir=DIR --prompt="ROMEO:" --max_new_tokens=500 \\
       --temperature=0.8 --top_k=200 --seed=0
+  python -m decoder_jax.generate --pretrained=gguf:SmolLM2-135M-Instruct.Q4_1.gguf --chat \\
+      --prompt="What is the capital of France?" --max_new_tokens=40 --temperature=0
   python -m decoder_jax.generate --workdir=DIR --prompts_file=prompts.txt --num_beams=4 \\
       --max_new_tokens=32 --output=out.jsonl
 
@@ -9,6 +11,11 @@ One prompt with one sample may run past the model's context (window by window); 
 (--prompts_file, --num_samples, --num_beams) must fit the context. --output writes one
 JSON object per prompt: {"prompt", "text", "tokens", "logprob"} for the first sample (the
 best beam), and "samples" holding every sample or beam.
+
+--pretrained takes what decoder_jax.load_pretrained does: gguf:FILE, hf:DIR, or a
+directory written by `python -m decoder_jax.convert`. --chat sends each prompt as a user
+message through the tokenizer's chat template and prints the reply; generation stops at
+any of the tokenizer's end-of-sequence tokens.
 """
 
 import json
@@ -19,6 +26,13 @@ from decoder_jax import decoding, inference
 from decoder_jax.train.metrics import quiet_library_logs
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "training workdir holding checkpoints")
+_PRETRAINED = flags.DEFINE_string("pretrained", None, "a pretrained model instead of a workdir: "
+                                  "gguf:FILE, hf:DIR or a converted DIR")
+_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
+                           "run the model in this dtype (parameters cast to it); default: "
+                           "as stored")
+_CHAT = flags.DEFINE_bool("chat", False, "wrap each prompt as a user message with the chat "
+                          "template and generate the reply")
 _PROMPT = flags.DEFINE_string("prompt", "\n", "text to continue")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "one prompt per line (overrides --prompt)")
 _OUTPUT = flags.DEFINE_string("output", None, "write JSONL results here")
@@ -33,7 +47,7 @@ _NUM_BEAMS = flags.DEFINE_integer("num_beams", 1, "beam search with this many be
 _LENGTH_PENALTY = flags.DEFINE_float("length_penalty", 1.0, "beam score = logprob / length**this")
 _STOP = flags.DEFINE_multi_string("stop", [], "stop after this token (one token each; repeatable)")
 _SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
-flags.mark_flag_as_required("workdir")
+flags.mark_flags_as_mutual_exclusive(["workdir", "pretrained"], required=True)
 
 
 def main(argv):
@@ -48,19 +62,25 @@ def main(argv):
       raise app.UsageError(f"{_PROMPTS_FILE.value} holds no prompts")
   else:
     prompts = [_PROMPT.value]
-  trained = inference.load_trained(_WORKDIR.value)
-  logging.info("loaded step %d from %s", trained.step, _WORKDIR.value)
+  if _PRETRAINED.value:
+    from decoder_jax import pretrained  # imports the interop dependencies only when asked
+    trained = pretrained.load_pretrained(_PRETRAINED.value, dtype=_DTYPE.value)
+    logging.info("loaded %s", _PRETRAINED.value)
+  else:
+    trained = inference.with_dtype(inference.load_trained(_WORKDIR.value), _DTYPE.value)
+    logging.info("loaded step %d from %s", trained.step, _WORKDIR.value)
+  chat = _CHAT.value
   single = len(prompts) == 1 and _NUM_SAMPLES.value == 1 and _NUM_BEAMS.value == 1
   if single and not _STOP.value and not _MIN_NEW.value and not _OUTPUT.value:
     text = inference.complete(trained, prompts[0], max_new_tokens=_MAX_NEW.value,
-                              sampler=sampler, seed=_SEED.value)
-    print(prompts[0] + text)
+                              sampler=sampler, seed=_SEED.value, chat=chat)
+    print(text if chat else prompts[0] + text)
     return
   results = inference.generate_batch(
       trained, prompts, max_new_tokens=_MAX_NEW.value, sampler=sampler, seed=_SEED.value,
       num_samples=_NUM_SAMPLES.value, num_beams=_NUM_BEAMS.value,
       min_new_tokens=_MIN_NEW.value, stop=tuple(_STOP.value),
-      length_penalty=_LENGTH_PENALTY.value)
+      length_penalty=_LENGTH_PENALTY.value, chat=chat)
   lines = [json.dumps({"prompt": r["prompt"], **r["samples"][0], "samples": r["samples"]})
            for r in results]
   if _OUTPUT.value:
@@ -68,7 +88,7 @@ def main(argv):
       f.write("\n".join(lines) + "\n")
   for result in results:
     for sample in result["samples"]:
-      print(result["prompt"] + sample["text"])
+      print(sample["text"] if chat else result["prompt"] + sample["text"])
       print("---")
 
 

@@ -1,5 +1,6 @@
-"""Sampling text from a trained workdir: load the model, tokenizer and latest params, then
-decode with the KV-cache `decoding.generate`.
+"""Sampling text from a trained workdir (or a pretrained model, see
+`decoder_jax.pretrained`): load the model, tokenizer and params, then decode with the
+KV-cache `decoding.generate`.
 
 A context of `max_length` bounds what one cache can hold (and what the model was trained
 on), so longer outputs are produced in windows: when a window is full, its last half
@@ -32,7 +33,7 @@ class TrainedModel:
   config: ModelConfig
   params: dict
   tokenizer: object
-  step: int
+  step: int = 0  # the training step of the checkpoint (0 for imported weights)
 
 
 def load_trained(workdir: str) -> TrainedModel:
@@ -56,6 +57,16 @@ def load_trained(workdir: str) -> TrainedModel:
   manager.close()
   return TrainedModel(model_config, state.params, tokenizers.load_tokenizer(workdir),
                       int(state.step))
+
+
+def with_dtype(trained: TrainedModel, dtype: str | None) -> TrainedModel:
+  """The model run in `dtype`: parameters cast to it (keeping their shardings), matmuls
+  and the KV cache in it. None keeps the model as it is."""
+  if dtype is None or (trained.config.dtype == dtype and trained.config.param_dtype == dtype):
+    return trained
+  config = dataclasses.replace(trained.config, dtype=dtype, param_dtype=dtype)
+  cast = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), p))
+  return dataclasses.replace(trained, config=config, params=cast(trained.params))
 
 
 def param_shardings(model_config: ModelConfig, mesh):
@@ -176,6 +187,25 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
   return ids
 
 
+def encode_chat(tokenizer, text: str) -> list[int]:
+  """Token ids of `text` sent as one user message through the tokenizer's chat template,
+  ending with the cue for the assistant's reply. The template writes any BOS itself."""
+  if not callable(getattr(tokenizer, "apply_chat_template", None)):
+    raise ValueError(f"a {type(tokenizer).__name__} has no chat template; chat needs a "
+                     "pretrained chat model's tokenizer")
+  rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                           add_generation_prompt=True)
+  return list(tokenizer.encode(rendered, add_special_tokens=False))
+
+
+def end_ids(tokenizer) -> list[int]:
+  """Every id that ends a sequence: eos_id, then any others (chat models often end a turn
+  with their own token) from the tokenizer's `eos_ids`."""
+  eos = getattr(tokenizer, "eos_id", None)
+  ids = ([] if eos is None else [eos]) + list(getattr(tokenizer, "eos_ids", None) or [])
+  return list(dict.fromkeys(ids))
+
+
 def stop_token_ids(tokenizer, stop_strings) -> list[int]:
   """The token id of each stop string; each must be exactly one token."""
   ids = []
@@ -191,12 +221,17 @@ def stop_token_ids(tokenizer, stop_strings) -> list[int]:
 def generate_batch(trained: TrainedModel, prompts: list[str], *, max_new_tokens: int,
                    sampler=None, seed: int = 0, num_samples: int = 1, num_beams: int = 1,
                    min_new_tokens: int = 0, stop: tuple[str, ...] = (),
-                   length_penalty: float = 1.0) -> list[dict]:
+                   length_penalty: float = 1.0, chat: bool = False) -> list[dict]:
   """Completes every prompt in one batch. Returns, per prompt, {"prompt", "samples": [{"text",
-  "tokens", "logprob"}, ...]} with num_samples samples (or num_beams beams, best first)."""
+  "tokens", "logprob"}, ...]} with num_samples samples (or num_beams beams, best first).
+
+  With `chat`, each prompt is sent as a user message through the tokenizer's chat template
+  and the reply is generated. Every end-of-sequence id of the tokenizer stops a sample.
+  """
   tokenizer, config = trained.tokenizer, trained.config
-  token_lists = [encode_prompt(tokenizer, p) for p in prompts]
-  stop_ids = stop_token_ids(tokenizer, stop)
+  encode = encode_chat if chat else encode_prompt
+  token_lists = [encode(tokenizer, p) for p in prompts]
+  stop_ids = stop_token_ids(tokenizer, stop) + end_ids(tokenizer)[1:]
   eos_id = getattr(tokenizer, "eos_id", None)
   for tokens in token_lists:
     check_request(config, len(tokens), max_new_tokens, min_new_tokens, num_beams, num_samples)
@@ -235,30 +270,37 @@ def generate_batch(trained: TrainedModel, prompts: list[str], *, max_new_tokens:
 
 
 def complete(trained: TrainedModel, prompt: str, *, max_new_tokens: int, sampler,
-             seed: int = 0) -> str:
-  """The text generated after `prompt` (the prompt itself not included)."""
+             seed: int = 0, chat: bool = False) -> str:
+  """The text generated after `prompt` (the prompt itself not included).
+
+  With `chat`, `prompt` is sent as a user message through the chat template and the text
+  is the reply.
+  """
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   tokenizer, context = trained.tokenizer, trained.config.max_length
-  ids = list(tokenizer.encode(prompt))
+  ids = encode_chat(tokenizer, prompt) if chat else list(tokenizer.encode(prompt))
   if not ids:
     raise ValueError("the prompt is empty after tokenization; give at least one token")
   keep = max(1, context // 2)
   window = ids if len(ids) < context else ids[-keep:]
-  eos_id = getattr(tokenizer, "eos_id", None)
+  ends = end_ids(tokenizer)
+  eos_id = ends[0] if ends else None
+  # Further end ids stop like --stop tokens; None keeps the program of a single-eos tokenizer.
+  more_ends = np.asarray([ends[1:]], np.int32) if len(ends) > 1 else None  # [1, n]
   rng = jax.random.key(seed)
   new: list[int] = []
   while len(new) < max_new_tokens:
     budget = min(max_new_tokens - len(new), context - len(window))
     rng, window_rng = jax.random.split(rng)
     result = generate_tokens(trained.params, jnp.asarray([window], jnp.int32),
-                              jnp.asarray([len(window)], jnp.int32), window_rng,
+                              jnp.asarray([len(window)], jnp.int32), window_rng, more_ends,
                               model_config=trained.config, max_new_tokens=budget,
                               sampler=sampler, eos_id=eos_id)
     length = int(result.lengths[0])
     chunk = np.asarray(result.tokens[0, :length]).tolist()
     new.extend(chunk)
-    if eos_id is not None and chunk and chunk[-1] == eos_id:
+    if eos_id is not None and chunk and chunk[-1] in ends:
       new.pop()
       break
     window = (window + chunk)[-keep:]
