@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from decoder_jax import decoding
+from decoder_jax import decoding, inference
 from decoder_jax.decoding.beam_search import beam_search
 from decoder_jax.model import Decoder, ModelConfig, init_cache
 
@@ -44,11 +44,9 @@ def setup(name):
 
 
 def pad(prompts):
-  width = max(map(len, prompts))
-  array = np.zeros((len(prompts), width), np.int32)
-  for i, p in enumerate(prompts):
-    array[i, :len(p)] = p
-  return jnp.asarray(array), jnp.asarray([len(p) for p in prompts], jnp.int32)
+  """Right-padded prompts at their exact width (no bucket): ([batch, width], [batch])."""
+  array, lengths = inference.pad_prompts(prompts, bucket=False)
+  return jnp.asarray(array), jnp.asarray(lengths)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "num_beams", "max_new", "length_penalty",

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from decoder_jax import decoding
+from decoder_jax import decoding, inference
 from decoder_jax.model import Decoder, ModelConfig, init_cache
 
 CONFIGS = {
@@ -56,11 +56,9 @@ RAGGED_PROMPTS = [[3, 1, 4, 1, 5, 9], [2, 7], [1, 8, 2, 8], [5]]
 
 
 def pad(prompts):
-  width = max(map(len, prompts))
-  array = np.zeros((len(prompts), width), np.int32)
-  for i, p in enumerate(prompts):
-    array[i, :len(p)] = p
-  return jnp.asarray(array), jnp.asarray([len(p) for p in prompts], jnp.int32)
+  """Right-padded prompts at their exact width (no bucket): ([batch, width], [batch])."""
+  array, lengths = inference.pad_prompts(prompts, bucket=False)
+  return jnp.asarray(array), jnp.asarray(lengths)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
