@@ -56,7 +56,7 @@ def _load_converted(directory: str, mesh, dtype):
   with open(os.path.join(directory, MODEL_CONFIG_FILE)) as f:
     config = ModelConfig.from_dict(json.load(f))
   boxed = hf.abstract_params(config)
-  shardings = sharding_lib.shardings_for(boxed, mesh or hf._default_mesh())
+  shardings = sharding_lib.shardings_for(boxed, mesh or hf.default_mesh())
   abstract = jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
                           nn.unbox(boxed), shardings)
   with ocp.StandardCheckpointer() as checkpointer:

@@ -244,3 +244,31 @@ def test_checkpoint_from_another_model_shape_is_refused(data_dir, tmp_path):
     loop.train_and_evaluate(wider, str(tmp_path / "w"))
   # The refused run left the checkpoint as it was.
   assert inference.load_trained(str(tmp_path / "w")).step == 2
+
+
+def test_init_from_a_workdir_starts_from_its_weights(data_dir, tmp_path):
+  """config.init_from: the source's architecture and weights, the config's training choices."""
+  source = loop.train_and_evaluate(tiny_config(data_dir, tmp_path), str(tmp_path / "a"))
+  config = tiny_config(data_dir, tmp_path, num_steps=2, eval_every=1, learning_rate=0.0,
+                       min_learning_rate=0.0)
+  config.init_from = str(tmp_path / "a")
+  config.model.update(num_layers=7, scan_layers=True)  # num_layers is the source's; scan is ours
+  result = loop.train_and_evaluate(config, str(tmp_path / "b"))
+  # A learning rate of 0 leaves the weights as loaded: the source's final validation loss.
+  assert read_metrics(tmp_path / "b", "eval/loss")[1] == pytest.approx(source["eval/loss"],
+                                                                        abs=1e-5)
+  with open(tmp_path / "b" / loop.MODEL_CONFIG_FILE) as f:
+    saved = json.load(f)
+  assert (saved["num_layers"], saved["scan_layers"]) == (2, True)
+  # A second run resumes from b's own checkpoint (the source is not read again).
+  config.train.num_steps = 3
+  config.init_from = str(tmp_path / "missing")
+  resumed = loop.train_and_evaluate(config, str(tmp_path / "b"))
+  assert resumed["eval/loss"] == pytest.approx(source["eval/loss"], abs=1e-5)
+
+
+def test_init_from_a_missing_source_is_a_clear_error(data_dir, tmp_path):
+  config = tiny_config(data_dir, tmp_path)
+  config.init_from = str(tmp_path / "nowhere")
+  with pytest.raises(FileNotFoundError, match="nowhere"):
+    loop.train_and_evaluate(config, str(tmp_path / "w"))

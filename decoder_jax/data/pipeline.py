@@ -49,6 +49,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   config.tokenizer = "char"  # "char" | "sentencepiece".
   config.spm_model = config_dict.placeholder(str)  # None: train one (cached) on train split.
   config.spm_vocab_size = 1000
+  config.seq_len = config_dict.placeholder(int)  # Training window; None: model.max_length.
   config.layout = "auto"  # "auto" | "windows" | "packed".
   config.val_fraction = 0.1
   config.num_eval_windows = 500
@@ -88,7 +89,10 @@ def make_datasets(
     seed: int,
     process_index: int | None = None,
     process_count: int | None = None,
+    tokenizer: Tokenizer | None = None,
 ) -> Datasets:
+  """Train and eval batches of `seq_len` tokens; `tokenizer` (e.g. a pretrained model's)
+  replaces the one `data_config.tokenizer` would build."""
   config = _with_defaults(data_config)
   _check_choice("data.tokenizer", config.tokenizer, TOKENIZERS)
   _check_choice("data.layout", config.layout, LAYOUTS)
@@ -108,7 +112,8 @@ def make_datasets(
   layout = config.layout
   if layout == "auto":
     layout = "windows" if corpus.single_text else "packed"
-  tokenizer = _make_tokenizer(config, corpus, process_count)
+  if tokenizer is None:
+    tokenizer = _make_tokenizer(config, corpus, process_count)
   train_tokens = _token_stream(tokenizer, corpus.train, corpus.single_text)  # [n_train]
   val_tokens = _token_stream(tokenizer, corpus.validation, corpus.single_text)  # [n_val]
   for split, tokens in (("train", train_tokens), ("validation", val_tokens)):

@@ -220,13 +220,13 @@ def load_params(reader, config: ModelConfig, mesh=None) -> dict:
   host holds about one float32 tensor beyond the params.
   """
   path = _file_name(reader)
-  mesh = mesh or hf._default_mesh()
+  mesh = mesh or hf.default_mesh()
   boxed = hf.abstract_params(config)
   flat_shapes = traverse_util.flatten_dict(nn.unbox(boxed))
   flat_shardings = traverse_util.flatten_dict(sharding_lib.shardings_for(boxed, mesh))
-  links = hf._links(config)
-  where = hf._unscanned_leaves(config, flat_shapes)
-  hf._check_links_cover(config, links, where)
+  links = hf.tensor_links(config)
+  where = hf.unscanned_leaves(config, flat_shapes)
+  hf.check_links_cover(config, links, where)
   link_of = {link.ours: link for link in links}
   tensors = _GGUFTensors(reader, config)
   _check_tensors(tensors, links, path)
@@ -244,7 +244,7 @@ def load_params(reader, config: ModelConfig, mesh=None) -> dict:
                        for i in range(config.num_layers)])
     else:
       host = host_leaf(leaf_path, shape)
-    flat_params[leaf_path] = hf._place(host, flat_shardings[leaf_path])
+    flat_params[leaf_path] = hf.place_on_devices(host, flat_shardings[leaf_path])
     del host
   return traverse_util.unflatten_dict(flat_params)
 

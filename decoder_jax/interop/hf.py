@@ -195,7 +195,7 @@ def config_to_hf(config: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Link:
+class TensorLink:
   """One of our (unscanned) parameter leaves and the checkpoint tensor it lives in."""
   ours: tuple[str, ...]  # e.g. ("block_0", "attn", "query", "kernel")
   hf: str  # e.g. "model.layers.0.self_attn.q_proj.weight"
@@ -222,43 +222,43 @@ class _Link:
     return leaf.reshape(self.part_shape)
 
 
-def _linear(ours, hf, out_size, in_size, bias: bool) -> list[_Link]:
+def _linear(ours, hf, out_size, in_size, bias: bool) -> list[TensorLink]:
   """A torch nn.Linear: weight [out, in] (transposed into our kernel), bias [out]."""
-  links = [_Link(ours + ("kernel",), hf + ".weight", (out_size, in_size), transpose=True)]
+  links = [TensorLink(ours + ("kernel",), hf + ".weight", (out_size, in_size), transpose=True)]
   if bias:
-    links.append(_Link(ours + ("bias",), hf + ".bias", (out_size,)))
+    links.append(TensorLink(ours + ("bias",), hf + ".bias", (out_size,)))
   return links
 
 
-def _conv1d(ours, hf, in_size, out_size, bias: bool) -> list[_Link]:
+def _conv1d(ours, hf, in_size, out_size, bias: bool) -> list[TensorLink]:
   """A GPT-2 Conv1D: weight already [in, out], bias [out]."""
-  links = [_Link(ours + ("kernel",), hf + ".weight", (in_size, out_size))]
+  links = [TensorLink(ours + ("kernel",), hf + ".weight", (in_size, out_size))]
   if bias:
-    links.append(_Link(ours + ("bias",), hf + ".bias", (out_size,)))
+    links.append(TensorLink(ours + ("bias",), hf + ".bias", (out_size,)))
   return links
 
 
-def _norm(ours, hf, width, bias: bool) -> list[_Link]:
-  links = [_Link(ours + ("scale",), hf + ".weight", (width,))]
+def _norm(ours, hf, width, bias: bool) -> list[TensorLink]:
+  links = [TensorLink(ours + ("scale",), hf + ".weight", (width,))]
   if bias:
-    links.append(_Link(ours + ("bias",), hf + ".bias", (width,)))
+    links.append(TensorLink(ours + ("bias",), hf + ".bias", (width,)))
   return links
 
 
-def _gpt2_links(c: ModelConfig) -> list[_Link]:
+def _gpt2_links(c: ModelConfig) -> list[TensorLink]:
   w, m = c.width, c.hidden_width
-  links = [_Link(("embed", "embedding"), "transformer.wte.weight", (c.vocab_size, w)),
-           _Link(("pos_embed",), "transformer.wpe.weight", (c.max_length, w))]
+  links = [TensorLink(("embed", "embedding"), "transformer.wte.weight", (c.vocab_size, w)),
+           TensorLink(("pos_embed",), "transformer.wpe.weight", (c.max_length, w))]
   for i in range(c.num_layers):
     ours, hf = (f"block_{i}",), f"transformer.h.{i}"
     links += _norm(ours + ("attn_norm",), hf + ".ln_1", w, c.use_bias)
     # c_attn: [width, 3 * width], query | key | value along the last axis.
     for j, name in enumerate(("query", "key", "value")):
       part = (j * w, (j + 1) * w)
-      links.append(_Link(ours + ("attn", name, "kernel"), hf + ".attn.c_attn.weight",
+      links.append(TensorLink(ours + ("attn", name, "kernel"), hf + ".attn.c_attn.weight",
                          (w, 3 * w), part=part))
       if c.has_qkv_bias:
-        links.append(_Link(ours + ("attn", name, "bias"), hf + ".attn.c_attn.bias", (3 * w,),
+        links.append(TensorLink(ours + ("attn", name, "bias"), hf + ".attn.c_attn.bias", (3 * w,),
                            part=part))
     links += _conv1d(ours + ("attn", "out"), hf + ".attn.c_proj", w, w, c.use_bias)
     links += _norm(ours + ("mlp_norm",), hf + ".ln_2", w, c.use_bias)
@@ -268,10 +268,10 @@ def _gpt2_links(c: ModelConfig) -> list[_Link]:
   return links
 
 
-def _llama_links(c: ModelConfig) -> list[_Link]:
+def _llama_links(c: ModelConfig) -> list[TensorLink]:
   w, m = c.width, c.hidden_width
   q_size, kv_size = c.num_heads * c.head_dim, c.kv_heads * c.head_dim
-  links = [_Link(("embed", "embedding"), "model.embed_tokens.weight", (c.vocab_size, w))]
+  links = [TensorLink(("embed", "embedding"), "model.embed_tokens.weight", (c.vocab_size, w))]
   for i in range(c.num_layers):
     ours, hf = (f"block_{i}",), f"model.layers.{i}"
     links += _norm(ours + ("attn_norm",), hf + ".input_layernorm", w, False)
@@ -288,11 +288,11 @@ def _llama_links(c: ModelConfig) -> list[_Link]:
   return links
 
 
-def _links(config: ModelConfig) -> list[_Link]:
+def tensor_links(config: ModelConfig) -> list[TensorLink]:
   """Every parameter leaf of `config` (unscanned paths) with its checkpoint tensor."""
   links = _gpt2_links(config) if config.family == "gpt2" else _llama_links(config)
   if not config.tie_embeddings:
-    links.append(_Link(("lm_head", "kernel"), "lm_head.weight", (config.vocab_size,
+    links.append(TensorLink(("lm_head", "kernel"), "lm_head.weight", (config.vocab_size,
                                                                   config.width), transpose=True))
   return links
 
@@ -307,7 +307,7 @@ def abstract_params(config: ModelConfig):
   return jax.eval_shape(lambda: Decoder(config).init(jax.random.key(0), tokens))["params"]
 
 
-def _unscanned_leaves(config: ModelConfig, flat_shapes: Mapping[tuple, Any]):
+def unscanned_leaves(config: ModelConfig, flat_shapes: Mapping[tuple, Any]):
   """Maps each unscanned leaf path to (our leaf path, layer index or None).
 
   With scan_layers the blocks are stacked under "blocks" on a leading [layers] axis, so
@@ -323,7 +323,7 @@ def _unscanned_leaves(config: ModelConfig, flat_shapes: Mapping[tuple, Any]):
   return where
 
 
-def _check_links_cover(config: ModelConfig, links: list[_Link], where: Mapping) -> None:
+def check_links_cover(config: ModelConfig, links: list[TensorLink], where: Mapping) -> None:
   # A guard against this table and the model drifting apart.
   mapped = {link.ours for link in links}
   if mapped != set(where):
@@ -396,7 +396,7 @@ def _host_device():
     return jax.devices()[0]
 
 
-def _resolve_names(config: ModelConfig, links: list[_Link], names: set[str]) -> dict[str, str]:
+def _resolve_names(config: ModelConfig, links: list[TensorLink], names: set[str]) -> dict[str, str]:
   """Our expected names -> names in this checkpoint (a bare base model has no body prefix)."""
   prefix = _body_prefix(config)
   embed = links[0].hf  # the token embedding
@@ -408,7 +408,7 @@ def _resolve_names(config: ModelConfig, links: list[_Link], names: set[str]) -> 
   return resolved
 
 
-def _check_checkpoint(checkpoint: _Checkpoint, config: ModelConfig, links: list[_Link],
+def _check_checkpoint(checkpoint: _Checkpoint, config: ModelConfig, links: list[TensorLink],
                       resolved: Mapping[str, str], strict: bool) -> None:
   """Every expected tensor present with its shape; nothing unexpected left over."""
   names = checkpoint.names()
@@ -435,11 +435,11 @@ def _check_checkpoint(checkpoint: _Checkpoint, config: ModelConfig, links: list[
     warnings.warn(message)
 
 
-def _default_mesh() -> Mesh:
+def default_mesh() -> Mesh:
   return sharding_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
 
 
-def _place(host: np.ndarray, sharding) -> jax.Array:
+def place_on_devices(host: np.ndarray, sharding) -> jax.Array:
   # Each device (on every process) copies only its own slice of the host array.
   return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
@@ -464,13 +464,13 @@ def load_hf(directory: str | os.PathLike, *, mesh: Mesh | None = None,
   (known buffers aside); otherwise a warning.
   """
   config = config_from_hf(read_hf_config(directory), dtype, **(config_overrides or {}))
-  mesh = mesh or _default_mesh()
+  mesh = mesh or default_mesh()
   boxed = abstract_params(config)
   flat_shapes = traverse_util.flatten_dict(nn.unbox(boxed))
   flat_shardings = traverse_util.flatten_dict(sharding_lib.shardings_for(boxed, mesh))
-  links = _links(config)
-  where = _unscanned_leaves(config, flat_shapes)
-  _check_links_cover(config, links, where)
+  links = tensor_links(config)
+  where = unscanned_leaves(config, flat_shapes)
+  check_links_cover(config, links, where)
   link_of = {link.ours: link for link in links}
   param_dtype = jnp.dtype(config.param_dtype)
 
@@ -491,7 +491,7 @@ def load_hf(directory: str | os.PathLike, *, mesh: Mesh | None = None,
                          for i in range(config.num_layers)])
       else:
         host = host_leaf(path, shape)
-      flat_params[path] = _place(host, flat_shardings[path])
+      flat_params[path] = place_on_devices(host, flat_shardings[path])
       del host
   return config, traverse_util.unflatten_dict(flat_params)
 
@@ -531,11 +531,14 @@ def save_hf(directory: str | os.PathLike, config: ModelConfig, params, *,
   """
   if dtype not in _DTYPES:
     raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+  if config.lora is not None:  # the export has no place for adapters: they would be dropped
+    raise ValueError("config.lora is set: fold the adapters in first with "
+                     "decoder_jax.peft.merge(params, config) and export its result")
   from safetensors.numpy import save_file  # imported here: only interop needs safetensors
   directory = os.fspath(directory)
   os.makedirs(directory, exist_ok=True)
   wide = _export_config(config)
-  links = _links(wide)
+  links = tensor_links(wide)
   flat_params = traverse_util.flatten_dict(nn.unbox(params))
   flat_shapes = traverse_util.flatten_dict(nn.unbox(abstract_params(config)))
   if set(flat_params) != set(flat_shapes):
@@ -546,17 +549,17 @@ def save_hf(directory: str | os.PathLike, config: ModelConfig, params, *,
     if tuple(leaf.shape) != tuple(flat_shapes[path].shape):
       raise ValueError(f"param {'/'.join(path)} has shape {tuple(leaf.shape)}, the config "
                        f"implies {tuple(flat_shapes[path].shape)}")
-  where = _unscanned_leaves(config, flat_shapes)
+  where = unscanned_leaves(config, flat_shapes)
   out_dtype = jnp.dtype(dtype)
 
-  def leaf(link: _Link) -> np.ndarray:
+  def leaf(link: TensorLink) -> np.ndarray:
     if link.ours not in where:  # a bias the export has and our model lacks
       return np.zeros(link.part_shape, out_dtype)
     path, layer = where[link.ours]
     value = flat_params[path] if layer is None else _layer_of(flat_params[path], layer)
     return link.to_hf(np.asarray(jax.device_get(value))).astype(out_dtype)
 
-  by_name: dict[str, list[_Link]] = {}
+  by_name: dict[str, list[TensorLink]] = {}
   for link in links:
     by_name.setdefault(link.hf, []).append(link)
   sizes = {link.hf: math.prod(link.hf_shape) * out_dtype.itemsize for link in links}

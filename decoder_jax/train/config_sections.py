@@ -47,6 +47,9 @@ def train_section(**fields) -> ml_collections.ConfigDict:
 def base_config(*, model, train, data_overrides=None, mesh=None, seed=1337):
   config = ml_collections.ConfigDict()
   config.seed = seed
+  # Start from pretrained weights: "gguf:FILE", "hf:DIR", a converted DIR or a training
+  # workdir. The architecture and tokenizer are then the source's (see train/init_from.py).
+  config.init_from = config_dict.placeholder(str)
   config.model = model
   config.train = train
   config.data = default_data_config()

@@ -15,7 +15,8 @@ from absl import logging
 
 from decoder_jax.data import pipeline, tokenizers
 from decoder_jax.model import Decoder, ModelConfig
-from decoder_jax.train import checkpoint, optimizer, sharding, state as state_lib, steps
+from decoder_jax.train import (checkpoint, init_from, optimizer, sharding, state as state_lib,
+                               steps)
 from decoder_jax.train.metrics import MetricWriter, Progress
 
 MODEL_CONFIG_FILE = "model_config.json"
@@ -30,6 +31,11 @@ def resolve_model_config(model_section, tokenizer) -> ModelConfig:
     raise ValueError(f"model.vocab_size={values['vocab_size']} is smaller than the tokenizer's "
                      f"vocabulary ({tokenizer.vocab_size}); leave it None to use the tokenizer's")
   return ModelConfig.from_dict(values)
+
+
+def read_model_config(workdir: str) -> ModelConfig:
+  with open(os.path.join(workdir, MODEL_CONFIG_FILE)) as f:
+    return ModelConfig.from_dict(json.load(f))
 
 
 def check_batch_layout(train_config, mesh) -> None:
@@ -112,21 +118,41 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
                      f"by the data-parallel size {sharding.data_parallel_size(mesh)}")
   is_writer = jax.process_index() == 0
 
-  datasets = pipeline.make_datasets(config.data, seq_len=config.model.max_length,
-                                    global_batch_size=train_cfg.batch_size, seed=config.seed)
-  model_config = resolve_model_config(config.model, datasets.tokenizer)
+  manager = checkpoint.make_manager(workdir, train_cfg.checkpoint_every, train_cfg.keep_checkpoints,
+                                    train_cfg.async_checkpoints)
+  resuming = manager.latest_step() is not None
+  start = None  # pretrained weights to start from (config.init_from, first run only)
+  tokenizer = None
+  if config.get("init_from") and resuming:
+    # The architecture and tokenizer the first run took from the source were saved here.
+    model_config = init_from.training_config(read_model_config(workdir), config.model)
+    tokenizer = tokenizers.load_tokenizer(workdir)
+  elif config.get("init_from"):
+    start = init_from.load(config.init_from, config.model, mesh)
+    model_config, tokenizer = start.config, start.tokenizer
+    logging.info("initialised from %s", config.init_from)
+  max_length = model_config.max_length if tokenizer is not None else config.model.max_length
+  seq_len = config.data.get("seq_len") or max_length
+  if seq_len > max_length:
+    raise ValueError(f"data.seq_len ({seq_len}) exceeds the model's max_length ({max_length})")
+  datasets = pipeline.make_datasets(config.data, seq_len=seq_len,
+                                    global_batch_size=train_cfg.batch_size, seed=config.seed,
+                                    tokenizer=tokenizer)
+  if tokenizer is None:
+    model_config = resolve_model_config(config.model, datasets.tokenizer)
   model = Decoder(model_config)
   tx = optimizer.make_optimizer(train_cfg)
   init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
-  abstract, state_shardings = state_lib.abstract_state(model, tx, model_config.max_length, mesh)
-  manager = checkpoint.make_manager(workdir, train_cfg.checkpoint_every, train_cfg.keep_checkpoints,
-                                    train_cfg.async_checkpoints)
-  if manager.latest_step() is not None:
+  abstract, state_shardings = state_lib.abstract_state(model, tx, seq_len, mesh)
+  if resuming:
     state, data_state = checkpoint.restore(manager, abstract)
     datasets.train_iter.set_state(data_state)
     logging.info("resumed from %s at step %d", manager.directory, int(state.step))
+  elif start is not None:
+    state = state_lib.state_from_params(start.params, tx, state_shardings)
+    del start
   else:
-    state, _ = state_lib.create_train_state(model, tx, model_config.max_length, mesh, init_rng)
+    state, _ = state_lib.create_train_state(model, tx, seq_len, mesh, init_rng)
   if is_writer:  # after the restore, so a refused checkpoint leaves the workdir as it was
     with open(os.path.join(workdir, MODEL_CONFIG_FILE), "w") as f:
       json.dump(model_config.to_dict(), f, indent=2)
@@ -148,7 +174,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
   writer = MetricWriter(workdir, enabled=is_writer, resume_step=step)
   num_steps = train_cfg.num_steps
   stop_at = train_cfg.get("stop_at_step") or num_steps
-  progress = Progress(num_steps, train_cfg.batch_size * model_config.max_length, step)
+  progress = Progress(num_steps, train_cfg.batch_size * seq_len, step)
   pending = []  # device metrics since the last log, fetched together to avoid syncs
   last = {}
   start = time.perf_counter()

@@ -53,5 +53,12 @@ def create_train_state(model, tx, seq_len: int, mesh, rng):
   return init(rng), shardings
 
 
+def state_from_params(params, tx, shardings) -> TrainState:
+  """A step-0 state around existing (e.g. pretrained) params, placed by `shardings`."""
+  start = jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p,
+                                       opt_state=tx.init(p), tx=tx), out_shardings=shardings)
+  return start(params)
+
+
 def count_params(params) -> int:
   return sum(x.size for x in jax.tree.leaves(params))
