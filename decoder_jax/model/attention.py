@@ -46,12 +46,13 @@ class SelfAttention(nn.Module):
     """
     cfg = self.config
     bias = cfg.has_qkv_bias
+    det = self.deterministic
     q = layers.dense((cfg.num_heads, cfg.head_dim), ("embed", "heads", "kv"), cfg,
-                     cfg.init_std, "query", bias)(x)  # [batch, length, heads, head_dim]
+                     cfg.init_std, "query", bias, det)(x)  # [batch, length, heads, head_dim]
     k = layers.dense((cfg.kv_heads, cfg.head_dim), ("embed", "kv_heads", "kv"), cfg,
-                     cfg.init_std, "key", bias)(x)  # [batch, length, kv_heads, head_dim]
+                     cfg.init_std, "key", bias, det)(x)  # [batch, length, kv_heads, head_dim]
     v = layers.dense((cfg.kv_heads, cfg.head_dim), ("embed", "kv_heads", "kv"), cfg,
-                     cfg.init_std, "value", bias)(x)
+                     cfg.init_std, "value", bias, det)(x)
     if cfg.use_rope:
       cos, sin = layers.rotary_tables(positions, cfg.head_dim, cfg.rope_theta)
       q = layers.apply_rotary(q, cos, sin)
@@ -76,6 +77,6 @@ class SelfAttention(nn.Module):
           mask=mask[:, None], implementation="xla" if implementation == "cudnn" else implementation)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
     out = layers.dense(cfg.width, ("heads", "kv", "embed"), cfg, layers.residual_std(cfg),
-                       "out")(out)  # [batch, length, embed]
+                       "out", deterministic=det)(out)  # [batch, length, embed]
     out = nn.Dropout(cfg.dropout)(out, deterministic=self.deterministic)
     return out, new_cache

@@ -8,10 +8,73 @@ can be overridden, so hybrids (a GPT-2 with RoPE, say) are one keyword away.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from typing import Any, Optional
 
 FAMILIES = ("gpt2", "llama")
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "auto")
+
+
+# Every attention and MLP projection (llama: query, key, value, out, gate, up, down; gpt2
+# has no gate, so spelling the names out would fail check_targets there); not the lm_head.
+LORA_TARGETS = ("attn/.*", "mlp/.*")
+
+
+def pattern_selects(pattern: str, path: tuple[str, ...]) -> bool:
+  """Whether regex `pattern` fullmatches some "/"-joined suffix of the module path."""
+  return any(re.fullmatch(pattern, "/".join(path[i:])) for i in range(len(path)))
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """Low-rank adapters on the Dense layers the `targets` patterns select.
+
+  Defined here rather than in decoder_jax.peft so the model can read it without an import
+  cycle. A Dense at module path ("block_3", "attn", "query") is a target when a pattern
+  (a Python regex) fullmatches one of its suffixes "query", "attn/query" or
+  "block_3/attn/query"; with scan_layers the path is ("blocks", "attn", "query").
+  """
+  rank: int
+  alpha: float = 16.0
+  dropout: float = 0.0  # on the adapter's input only, as in PEFT
+  targets: tuple[str, ...] = LORA_TARGETS
+  rslora: bool = False  # scale by alpha / sqrt(rank) instead of alpha / rank
+
+  def __post_init__(self):
+    # A JSON list (or one bare pattern) becomes a tuple: the config must stay hashable.
+    targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
+    object.__setattr__(self, "targets", targets)
+    if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+      raise ValueError(f"model.lora.rank must be an integer >= 1, got {self.rank!r}")
+    if not self.alpha > 0:
+      raise ValueError(f"model.lora.alpha must be positive, got {self.alpha}")
+    if not 0.0 <= self.dropout < 1.0:
+      raise ValueError(f"model.lora.dropout must be in [0, 1), got {self.dropout}")
+    if not targets:
+      raise ValueError("model.lora.targets is empty: name at least one module pattern, "
+                       f"e.g. {LORA_TARGETS} or ('query', 'value')")
+    for pattern in targets:
+      try:
+        re.compile(pattern)
+      except (re.error, TypeError) as e:
+        raise ValueError(f"model.lora.targets: {pattern!r} is not a regex ({e})") from None
+
+  @property
+  def scaling(self) -> float:
+    return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+  def is_target(self, path: tuple[str, ...]) -> bool:
+    """Whether a Dense at module path `path` gets an adapter."""
+    return any(pattern_selects(p, path) for p in self.targets)
+
+  @classmethod
+  def from_dict(cls, values: dict[str, Any]) -> "LoraConfig":
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ValueError(f"unknown model.lora field(s) {unknown}; known fields: {sorted(known)}")
+    return cls(**values)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,8 +103,13 @@ class ModelConfig:
   remat: bool = False  # recompute each block's activations in the backward pass
   scan_layers: bool = False  # one lax.scan over stacked layer params (faster compiles)
   init_std: float = 0.02
+  lora: Optional[LoraConfig] = None  # low-rank adapters (decoder_jax.peft); None: plain model
 
   def __post_init__(self):
+    if isinstance(self.lora, dict):  # from JSON / a ConfigDict section
+      object.__setattr__(self, "lora", LoraConfig.from_dict(self.lora))
+    if self.lora is not None and not isinstance(self.lora, LoraConfig):
+      raise ValueError(f"model.lora must be None, a LoraConfig or a dict, got {self.lora!r}")
     if self.family not in FAMILIES:
       raise ValueError(f"model.family must be one of {FAMILIES}, got {self.family!r}")
     if self.attention_impl not in ATTENTION_IMPLEMENTATIONS:

@@ -49,6 +49,11 @@ class Dense(nn.Module):
   Written out (rather than nn.DenseGeneral) so the kernel is created in its final shape:
   DenseGeneral builds a flat kernel and reshapes it, which clashes with logical-axis
   constraints under a mesh.
+
+  When `config.lora` selects this module (by its path, see LoraConfig.is_target) it also
+  holds lora_a [n_in, rank] and lora_b [rank, n_out] (n_* the flattened in/out sizes) and
+  adds scaling * (dropout(x) @ lora_a) @ lora_b. lora_b starts at zero, so a fresh
+  adapter leaves the output unchanged.
   """
   in_shape: tuple[int, ...]
   out_shape: tuple[int, ...]
@@ -56,6 +61,7 @@ class Dense(nn.Module):
   config: ModelConfig
   std: float
   use_bias: bool
+  deterministic: bool = True  # only the LoRA dropout reads it
 
   @nn.compact
   def __call__(self, x):
@@ -67,7 +73,10 @@ class Dense(nn.Module):
     # these than on the equivalent multi-axis tensordot.
     n_in, n_out = math.prod(self.in_shape), math.prod(self.out_shape)
     lead = x.shape[:x.ndim - len(self.in_shape)]
-    out = (x.astype(dtype).reshape(-1, n_in) @ kernel.astype(dtype).reshape(n_in, n_out))
+    x2 = x.astype(dtype).reshape(-1, n_in)  # [tokens, n_in]
+    out = x2 @ kernel.astype(dtype).reshape(n_in, n_out)  # [tokens, n_out]
+    if cfg.lora is not None and cfg.lora.is_target(self.scope.path):
+      out = out + self._lora(x2, n_in, n_out)
     out = out.reshape(lead + self.out_shape)
     if self.use_bias:
       bias = self.param("bias", zeros_init(self.axes[len(self.in_shape):]), self.out_shape,
@@ -75,20 +84,35 @@ class Dense(nn.Module):
       out = out + bias.astype(dtype)
     return out
 
+  def _lora(self, x2, n_in: int, n_out: int):  # x2: [tokens, n_in] -> [tokens, n_out]
+    lora = self.config.lora
+    # The flattened in (out) axis keeps the name of the kernel's first in (out) axis, so it
+    # shards like the kernel; the small rank axis stays replicated (None).
+    in_axis, out_axis = self.axes[0], self.axes[len(self.in_shape)]
+    # PEFT's default init: kaiming-uniform a (bound 1/sqrt(n_in)), zero b.
+    a_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+    param_dtype = dtype_of(self.config.param_dtype)
+    a = self.param("lora_a", nn.with_logical_partitioning(a_init, (in_axis, None)),
+                   (n_in, lora.rank), param_dtype)
+    b = self.param("lora_b", zeros_init((None, out_axis)), (lora.rank, n_out), param_dtype)
+    h = nn.Dropout(lora.dropout)(x2, deterministic=self.deterministic)
+    h = (h @ a.astype(x2.dtype)) @ b.astype(x2.dtype)  # [tokens, n_out]
+    return (lora.scaling * h).astype(x2.dtype)
+
 
 def dense(features, axes: tuple[str, ...], config: ModelConfig, std: float, name: str,
-          use_bias: bool | None = None):
+          use_bias: bool | None = None, deterministic: bool = True):
   """A Dense layer whose input axes are the leading names in `axes`, output `features`.
 
   The input sizes come from the config: `embed` is config.width, `heads`/`kv` the attention
-  heads and head_dim, `mlp` the hidden width.
+  heads and head_dim, `mlp` the hidden width. `deterministic=False` turns on LoRA dropout.
   """
   out_shape = features if isinstance(features, tuple) else (features,)
   sizes = {"embed": config.width, "mlp": config.hidden_width, "heads": config.num_heads,
            "kv": config.head_dim}
   in_shape = tuple(sizes[a] for a in axes[:len(axes) - len(out_shape)])
   return Dense(in_shape, out_shape, axes, config, std,
-               config.use_bias if use_bias is None else use_bias, name=name)
+               config.use_bias if use_bias is None else use_bias, deterministic, name=name)
 
 
 class Mlp(nn.Module):
@@ -101,15 +125,16 @@ class Mlp(nn.Module):
     cfg = self.config
     hidden = cfg.hidden_width
     bias = cfg.has_mlp_bias
+    det = self.deterministic
     if cfg.family == "llama":
-      gate = dense(hidden, ("embed", "mlp"), cfg, cfg.init_std, "gate", bias)(x)
-      up = dense(hidden, ("embed", "mlp"), cfg, cfg.init_std, "up", bias)(x)
+      gate = dense(hidden, ("embed", "mlp"), cfg, cfg.init_std, "gate", bias, det)(x)
+      up = dense(hidden, ("embed", "mlp"), cfg, cfg.init_std, "up", bias, det)(x)
       h = nn.silu(gate) * up  # [batch, length, mlp]
     else:
-      h = dense(hidden, ("embed", "mlp"), cfg, cfg.init_std, "up", bias)(x)
+      h = dense(hidden, ("embed", "mlp"), cfg, cfg.init_std, "up", bias, det)(x)
       h = nn.gelu(h, approximate=True)  # [batch, length, mlp]
     h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
-    out = dense(cfg.width, ("mlp", "embed"), cfg, residual_std(cfg), "down", bias)(h)
+    out = dense(cfg.width, ("mlp", "embed"), cfg, residual_std(cfg), "down", bias, det)(h)
     return nn.Dropout(cfg.dropout)(out, deterministic=self.deterministic)
 
 

@@ -78,7 +78,7 @@ class Decoder(nn.Module):
       logits = embed.attend(x)
     else:
       logits = layers.dense(cfg.vocab_size, ("embed", "vocab"), cfg, cfg.init_std, "lm_head",
-                            use_bias=False)(x)
+                            use_bias=False, deterministic=deterministic)(x)
     logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
     return logits, cache
 
