@@ -40,11 +40,18 @@ class Decoder(nn.Module):
   `init_cache`), keys and values are written at those positions and queries attend to
   everything cached at or before their own position: this one path serves prefill and
   one-token decode steps alike.
+
+  With `num_labels`, the model also holds a sequence-classification head ("cls_head", on
+  the final hidden state of one position per row): called with `last_index` (int32
+  [batch], each row's final non-padding position) it returns class logits
+  [batch, num_labels] in float32 instead of token logits.
   """
   config: ModelConfig
+  num_labels: int = 0
 
   @nn.compact
-  def __call__(self, tokens, positions=None, cache=None, deterministic: bool = True):
+  def __call__(self, tokens, positions=None, cache=None, deterministic: bool = True,
+               last_index=None):
     cfg = self.config
     batch, length = tokens.shape
     if positions is None:
@@ -74,6 +81,18 @@ class Decoder(nn.Module):
       cache = None if cache is None else {"layers": new_layers}
 
     x = layers.norm(cfg, "final_norm")(x)
+    if self.num_labels:
+      rows = jnp.arange(batch)
+      index = jnp.full((batch,), length - 1) if last_index is None else last_index
+      pooled = x[rows, index]  # [batch, embed]
+      head = layers.Dense((cfg.width,), (self.num_labels,), ("embed", None), cfg,
+                          cfg.init_std, use_bias=True, name="cls_head")
+      class_logits = head(pooled).astype(jnp.float32)  # [batch, num_labels]
+      if last_index is not None:
+        return class_logits, cache
+    elif last_index is not None:
+      raise ValueError("last_index selects a position for the classification head; this "
+                       "Decoder has num_labels=0")
     if cfg.tie_embeddings:
       logits = embed.attend(x)
     else:

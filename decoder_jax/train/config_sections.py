@@ -39,6 +39,8 @@ def train_section(**fields) -> ml_collections.ConfigDict:
       checkpoint_every=500,
       keep_checkpoints=3,
       async_checkpoints=True,
+      # dtype of the frozen parameters (LoRA's base), e.g. "bfloat16"; None: param_dtype.
+      frozen_dtype=config_dict.placeholder(str),
   )
   values.update(fields)
   return ml_collections.ConfigDict(values)

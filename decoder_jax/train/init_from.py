@@ -53,7 +53,9 @@ def relayout_layers(params: dict, num_layers: int, scan_layers: bool) -> dict:
 
 def training_config(source_config: ModelConfig, model_section) -> ModelConfig:
   """The source's architecture with the training choices of `model_section`."""
-  choices = {name: model_section[name] for name in TRAINING_FIELDS}
+  choices = {name: model_section.get(name) for name in TRAINING_FIELDS}
+  if hasattr(choices["lora"], "to_dict"):  # a ConfigDict section
+    choices["lora"] = choices["lora"].to_dict()
   return dataclasses.replace(source_config, **choices)
 
 

@@ -9,34 +9,16 @@ import time
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from decoder_jax.data import pipeline, tokenizers
-from decoder_jax.model import Decoder, ModelConfig
-from decoder_jax.train import (checkpoint, init_from, optimizer, sharding, state as state_lib,
-                               steps)
+from decoder_jax.data import tokenizers
+from decoder_jax.peft import combine
+from decoder_jax.train import state as state_lib
+from decoder_jax.train import checkpoint, optimizer, setup, sharding, steps
 from decoder_jax.train.metrics import MetricWriter, Progress
-
-MODEL_CONFIG_FILE = "model_config.json"
-
-
-def resolve_model_config(model_section, tokenizer) -> ModelConfig:
-  """The model config with vocab_size filled from the tokenizer when left as None."""
-  values = model_section.to_dict()
-  if values.get("vocab_size") is None:
-    values["vocab_size"] = tokenizer.vocab_size
-  elif values["vocab_size"] < tokenizer.vocab_size:
-    raise ValueError(f"model.vocab_size={values['vocab_size']} is smaller than the tokenizer's "
-                     f"vocabulary ({tokenizer.vocab_size}); leave it None to use the tokenizer's")
-  return ModelConfig.from_dict(values)
-
-
-def read_model_config(workdir: str) -> ModelConfig:
-  with open(os.path.join(workdir, MODEL_CONFIG_FILE)) as f:
-    return ModelConfig.from_dict(json.load(f))
-
+# Re-exported: inference and pretrained read a workdir's model config through these.
+from decoder_jax.train.setup import MODEL_CONFIG_FILE, read_model_config, resolve_model_config
 
 def check_batch_layout(train_config, mesh) -> None:
   dp = sharding.data_parallel_size(mesh)
@@ -94,13 +76,75 @@ def _global_batch(local_batch: dict, batch_sharding) -> dict:
           for k, v in local_batch.items()}
 
 
-def evaluate(eval_step, params, datasets, batch_sharding) -> float:
+def evaluate(eval_step, params, frozen, datasets, batch_sharding) -> float:
+  """Mean weighted loss over the (main) eval batches."""
   total, weight = 0.0, 0.0
   for batch in datasets.eval_batches():
-    loss_sum, weight_sum = eval_step(params, _global_batch(batch, batch_sharding))
+    loss_sum, weight_sum = eval_step(params, frozen, _global_batch(batch, batch_sharding))
     total += float(loss_sum)
     weight += float(weight_sum)
   return total / max(weight, 1.0)
+
+
+class TaskEvaluator:
+  """Task metrics at each evaluation (eval/bleu, eval/accuracy, ...) and the best
+  checkpoint by config.eval.metric: the trainable params in workdir/best (orbax), with
+  best.json saying which step and value."""
+
+  def __init__(self, config, workdir, run, is_writer):
+    from decoder_jax.evaluation import task_eval  # heavy imports (sacrebleu) only when used
+
+    self._task_eval = task_eval
+    self.eval_config = config.get("eval") or task_eval.default_eval_config()
+    # Plain pretraining configs have no eval section: no best-checkpoint copy there.
+    self.keep_best = config.get("eval") is not None and self.eval_config.keep_best
+    self.metric = self.eval_config.metric
+    if self.metric not in task_eval.HIGHER_IS_BETTER:
+      raise ValueError(f"eval.metric must be one of {sorted(task_eval.HIGHER_IS_BETTER)}, "
+                       f"got {self.metric!r}")
+    self.run, self.workdir, self.is_writer = run, workdir, is_writer
+    self.best_dir = os.path.join(os.path.abspath(workdir), "best")
+    self.best = self._read_best()
+
+  def _read_best(self):
+    try:
+      with open(os.path.join(self.workdir, "best.json")) as f:
+        return json.load(f)
+    except FileNotFoundError:
+      return None
+
+  def __call__(self, step, params, frozen, eval_loss) -> dict[str, float]:
+    found = {"loss": eval_loss}
+    if self.run.task is not None:
+      values = self._task_eval.evaluate_task(self.run.model, combine(params, frozen),
+                                             self.run.tokenizer, self.run.datasets,
+                                             self.eval_config)
+      found.update(values)
+    if self.metric not in found:
+      raise ValueError(f"eval.metric={self.metric!r} is not measured for this run; it "
+                       f"measures {sorted(found)}")
+    if self.keep_best:
+      self._keep_if_best(step, params, found[self.metric])
+    return {f"eval/{k}": v for k, v in found.items() if k != "loss"}
+
+  def _keep_if_best(self, step, params, value):
+    higher = self._task_eval.HIGHER_IS_BETTER[self.metric]
+    if self.best is not None and not (value > self.best["value"] if higher
+                                      else value < self.best["value"]):
+      return
+    import orbax.checkpoint as ocp
+    from etils import epath
+
+    if self.is_writer and epath.Path(self.best_dir).exists():
+      epath.Path(self.best_dir).rmtree()
+    with ocp.StandardCheckpointer() as checkpointer:
+      checkpointer.save(self.best_dir, params)
+    self.best = {"step": step, "metric": self.metric, "value": value}
+    if self.is_writer:
+      with open(os.path.join(self.workdir, "best.json"), "w") as f:
+        json.dump(self.best, f)
+    logging.info("best %s so far (%.4f at step %d): params saved to %s", self.metric, value,
+                 step, self.best_dir)
 
 
 def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
@@ -121,60 +165,53 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
   manager = checkpoint.make_manager(workdir, train_cfg.checkpoint_every, train_cfg.keep_checkpoints,
                                     train_cfg.async_checkpoints)
   resuming = manager.latest_step() is not None
-  start = None  # pretrained weights to start from (config.init_from, first run only)
-  tokenizer = None
-  if config.get("init_from") and resuming:
-    # The architecture and tokenizer the first run took from the source were saved here.
-    model_config = init_from.training_config(read_model_config(workdir), config.model)
-    tokenizer = tokenizers.load_tokenizer(workdir)
-  elif config.get("init_from"):
-    start = init_from.load(config.init_from, config.model, mesh)
-    model_config, tokenizer = start.config, start.tokenizer
-    logging.info("initialised from %s", config.init_from)
-  max_length = model_config.max_length if tokenizer is not None else config.model.max_length
-  seq_len = config.data.get("seq_len") or max_length
-  if seq_len > max_length:
-    raise ValueError(f"data.seq_len ({seq_len}) exceeds the model's max_length ({max_length})")
-  datasets = pipeline.make_datasets(config.data, seq_len=seq_len,
-                                    global_batch_size=train_cfg.batch_size, seed=config.seed,
-                                    tokenizer=tokenizer)
-  if tokenizer is None:
-    model_config = resolve_model_config(config.model, datasets.tokenizer)
-  model = Decoder(model_config)
+  lora = config.model.get("lora") is not None
+  run = setup.build_run(config, workdir, mesh, need_base=lora, resuming=resuming)
+  model_config, model, datasets = run.model_config, run.model, run.datasets
   tx = optimizer.make_optimizer(train_cfg)
   init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
-  abstract, state_shardings = state_lib.abstract_state(model, tx, seq_len, mesh)
+  abstract, state_shardings, _, frozen_shardings = setup.abstract_state(run, tx, mesh, config)
   if resuming:
     state, data_state = checkpoint.restore(manager, abstract)
     datasets.train_iter.set_state(data_state)
     logging.info("resumed from %s at step %d", manager.directory, int(state.step))
-  elif start is not None:
-    state = state_lib.state_from_params(start.params, tx, state_shardings)
-    del start
+  if not resuming or lora:  # LoRA checkpoints hold the trainable half only
+    trainable, frozen = setup.split_params(run, setup.initial_params(run, mesh, init_rng),
+                                           frozen_shardings, config)
+    if not resuming:
+      state = state_lib.state_from_params(trainable, tx, state_shardings)
+    del trainable
   else:
-    state, _ = state_lib.create_train_state(model, tx, seq_len, mesh, init_rng)
+    frozen = {}
+  run.start = None  # the source's copy of the weights is no longer needed
   if is_writer:  # after the restore, so a refused checkpoint leaves the workdir as it was
     with open(os.path.join(workdir, MODEL_CONFIG_FILE), "w") as f:
       json.dump(model_config.to_dict(), f, indent=2)
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
-    tokenizers.save_tokenizer(datasets.tokenizer, workdir)
-  logging.info("model: %s, %.3fM parameters; mesh %s", model_config.family,
-               state_lib.count_params(state.params) / 1e6, dict(mesh.shape))
+    tokenizers.save_tokenizer(run.tokenizer, workdir)
+  num_trainable = state_lib.count_params(state.params)
+  num_total = num_trainable + state_lib.count_params(frozen)
+  logging.info("model: %s, %.3fM parameters, %.3fM trainable (%.2f%%); mesh %s",
+               model_config.family, num_total / 1e6, num_trainable / 1e6,
+               100 * num_trainable / num_total, dict(mesh.shape))
 
   batch_sharding = sharding.batch_sharding(mesh)
+  dropout = model_config.dropout > 0 or (lora and model_config.lora.dropout > 0)
   train_step = jax.jit(
-      steps.make_train_step(model, train_cfg.grad_accum_steps, dropout=model_config.dropout > 0),
-      in_shardings=(state_shardings, batch_sharding, None),
+      steps.make_train_step(model, train_cfg.grad_accum_steps, dropout=dropout),
+      in_shardings=(state_shardings, frozen_shardings, batch_sharding, None),
       out_shardings=(state_shardings, None), donate_argnums=0)
-  eval_step = jax.jit(steps.make_eval_step(model),
-                      in_shardings=(state_shardings.params, batch_sharding))
+  eval_loss_sums = steps.make_eval_step(model)
+  eval_step = jax.jit(lambda params, frozen, batch: eval_loss_sums(combine(params, frozen), batch),
+                      in_shardings=(state_shardings.params, frozen_shardings, batch_sharding))
+  task_evaluator = TaskEvaluator(config, workdir, run, is_writer)
 
   step = int(state.step)
   writer = MetricWriter(workdir, enabled=is_writer, resume_step=step)
   num_steps = train_cfg.num_steps
   stop_at = train_cfg.get("stop_at_step") or num_steps
-  progress = Progress(num_steps, train_cfg.batch_size * seq_len, step)
+  progress = Progress(num_steps, train_cfg.batch_size * run.seq_len, step)
   pending = []  # device metrics since the last log, fetched together to avoid syncs
   last = {}
   start = time.perf_counter()
@@ -183,7 +220,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
           nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES)):
       while step < min(num_steps, stop_at) and stop.signal_name is None:
         batch = _global_batch(next(datasets.train_iter), batch_sharding)
-        state, metrics = train_step(state, batch, dropout_rng)
+        state, metrics = train_step(state, frozen, batch, dropout_rng)
         step += 1
         pending.append(metrics)
         is_last = step == num_steps
@@ -197,10 +234,13 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
           writer.write(step, last)
           progress.log(step, last)
         if step % train_cfg.eval_every == 0 or is_last:
-          eval_loss = evaluate(eval_step, state.params, datasets, batch_sharding)
-          writer.write(step, {"eval/loss": eval_loss})
-          logging.info("step %d  eval/loss=%.4f", step, eval_loss)
-          last["eval/loss"] = eval_loss
+          evaluated = {"eval/loss": evaluate(eval_step, state.params, frozen, datasets,
+                                             batch_sharding)}
+          evaluated.update(task_evaluator(step, state.params, frozen, evaluated["eval/loss"]))
+          writer.write(step, evaluated)
+          logging.info("step %d  %s", step,
+                       "  ".join(f"{k}={v:.4f}" for k, v in evaluated.items()))
+          last.update(evaluated)
         force = is_last or step == stop_at or stop.signal_name is not None
         if force or manager.should_save(step):
           checkpoint.save(manager, step, state, datasets.train_iter.get_state(), force=force)

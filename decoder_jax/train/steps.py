@@ -1,10 +1,23 @@
-"""Pure train and eval steps. The loop jit-compiles them with shardings and donation."""
+"""Pure train and eval steps. The loop jit-compiles them with shardings and donation.
+
+Parameters come in two halves: `state.params`, the trainable ones (all of them for full
+training; LoRA adapters and a classification head for LoRA), and `frozen`, the rest
+(an empty dict for full training). Only the trainable half is differentiated, so the
+frozen base has neither gradients nor optimizer state.
+
+The batch decides the objective: a batch with `last_index` trains the classification
+head (cross-entropy over labels, one example per row); any other is language modelling
+(per-token cross-entropy, weighted by `weights` when the batch has them: 0 on prompts
+and padding).
+"""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from decoder_jax.peft import combine
 
 
 def token_losses(model, params, batch, rng=None, deterministic=True):
@@ -16,34 +29,62 @@ def token_losses(model, params, batch, rng=None, deterministic=True):
                                                          batch["targets"])
 
 
-def make_train_step(model, grad_accum_steps: int, dropout: bool):
-  """state, batch {inputs, targets: [batch, length]}, rng -> (state, metrics).
+def class_logits(model, params, batch, rng=None, deterministic=True):
+  """Classification-head logits at each row's last_index: float32 [batch, num_labels]."""
+  rngs = None if deterministic else {"dropout": rng}
+  logits, _ = model.apply({"params": params}, batch["inputs"], deterministic=deterministic,
+                          rngs=rngs, last_index=batch["last_index"])
+  return logits
 
-  With gradient accumulation the batch is split into `grad_accum_steps` micro-batches
-  whose gradients are averaged under a lax.scan, so memory holds one micro-batch.
+
+def loss_sums(model, params, batch, rng=None, deterministic=True):
+  """(sum of weighted losses, sum of weights) of a batch, whatever its objective."""
+  if "last_index" in batch:
+    losses = optax.softmax_cross_entropy_with_integer_labels(
+        class_logits(model, params, batch, rng, deterministic), batch["labels"])  # [batch]
+  else:
+    losses = token_losses(model, params, batch, rng, deterministic)  # [batch, length]
+  weights = batch.get("weights")
+  if weights is None:
+    weights = jnp.ones_like(losses)
+  return (losses * weights).sum(), weights.sum()
+
+
+def make_train_step(model, grad_accum_steps: int, dropout: bool):
+  """state, frozen, batch, rng -> (state, metrics).
+
+  The loss is the weighted mean over the whole batch. With gradient accumulation the
+  batch is split into `grad_accum_steps` micro-batches under a lax.scan (memory holds one
+  micro-batch); their loss sums and gradients of sums are added and divided by the total
+  weight once, so the result equals the single-batch step.
   """
 
-  def loss_fn(params, micro_batch, rng):
-    return token_losses(model, params, micro_batch, rng, deterministic=not dropout).mean()
+  def loss_sum_fn(trainable, frozen, micro_batch, rng):
+    total, weight = loss_sums(model, combine(trainable, frozen), micro_batch, rng,
+                              deterministic=not dropout)
+    return total, weight
 
-  def train_step(state, batch, rng):
+  def train_step(state, frozen, batch, rng):
     rng = jax.random.fold_in(rng, state.step)
-    grad_fn = jax.value_and_grad(loss_fn)
+    grad_fn = jax.value_and_grad(loss_sum_fn, has_aux=True)
     if grad_accum_steps == 1:
-      loss, grads = grad_fn(state.params, batch, rng)
+      (total, weight), grads = grad_fn(state.params, frozen, batch, rng)
     else:
       micro = jax.tree.map(
-          lambda x: x.reshape((grad_accum_steps, -1) + x.shape[1:]), batch)  # [accum, micro, length]
+          lambda x: x.reshape((grad_accum_steps, -1) + x.shape[1:]), batch)  # [accum, micro, ...]
 
       def accumulate(carry, inputs):
         index, micro_batch = inputs
-        loss, grads = grad_fn(state.params, micro_batch, jax.random.fold_in(rng, index))
-        return jax.tree.map(jnp.add, carry, (loss, grads)), None
+        (total, weight), grads = grad_fn(state.params, frozen, micro_batch,
+                                         jax.random.fold_in(rng, index))
+        return jax.tree.map(jnp.add, carry, (total, weight, grads)), None
 
-      zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
-      (loss, grads), _ = jax.lax.scan(accumulate, zeros,
-                                      (jnp.arange(grad_accum_steps), micro))
-      loss, grads = jax.tree.map(lambda x: x / grad_accum_steps, (loss, grads))
+      zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
+               jax.tree.map(jnp.zeros_like, state.params))
+      (total, weight, grads), _ = jax.lax.scan(accumulate, zeros,
+                                               (jnp.arange(grad_accum_steps), micro))
+    weight = jnp.maximum(weight, 1.0)
+    loss, grads = total / weight, jax.tree.map(lambda g: g / weight, grads)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
     return state.apply_gradients(grads), metrics
 
@@ -51,10 +92,10 @@ def make_train_step(model, grad_accum_steps: int, dropout: bool):
 
 
 def make_eval_step(model):
-  """params, batch {inputs, targets, weights} -> (sum of weighted losses, sum of weights)."""
+  """params, batch -> (sum of weighted losses, sum of weights). Batches without weights
+  weigh every token 1."""
 
   def eval_step(params, batch):
-    losses = token_losses(model, params, batch)
-    return (losses * batch["weights"]).sum(), batch["weights"].sum()
+    return loss_sums(model, params, batch)
 
   return eval_step

@@ -1,0 +1,108 @@
+"""Task metrics of a model on an evaluation set: BLEU of generations, or classification
+accuracy and macro-F1. Used in the training loop and by `python -m decoder_jax.evaluate`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from decoder_jax import inference, peft
+from decoder_jax.data import tasks as tasks_lib
+from decoder_jax.evaluation import generation, metrics
+from decoder_jax.model import Decoder, ModelConfig
+
+
+def default_eval_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  # The metric that picks the best checkpoint (kept in workdir/best): "bleu", "accuracy",
+  # "macro_f1" (higher is better) or "loss" (lower is better).
+  config.metric = "loss"
+  config.num_beams = 1  # Generation for BLEU: 1 = greedy.
+  config.length_penalty = 1.0
+  config.max_new_tokens = 64
+  config.generation_batch_size = 32
+  config.max_generation_examples = ml_collections.config_dict.placeholder(int)  # None: all
+  config.keep_best = True
+  return config
+
+
+HIGHER_IS_BETTER = {"bleu": True, "accuracy": True, "macro_f1": True, "loss": False}
+
+
+def plain_model(model_config: ModelConfig, params):
+  """(config, params) with any LoRA adapters folded into the kernels."""
+  if model_config.lora is None:
+    return model_config, params
+  return peft.merge(params, model_config)
+
+
+def bleu_of(model_config: ModelConfig, params, tokenizer, examples, *, max_new_tokens: int,
+            num_beams: int = 1, batch_size: int = 32, length_penalty: float = 1.0,
+            limit: int | None = None) -> tuple[float, list[str]]:
+  """(corpus BLEU, hypotheses) of greedy or beam generations from each example's prompt."""
+  examples = examples[:limit] if limit else examples
+  config, params = plain_model(model_config, params)
+  trained = inference.TrainedModel(config, params, tokenizer)
+  hypotheses = generation.generate_texts(
+      trained, [list(e["prompt_ids"]) for e in examples], max_new_tokens=max_new_tokens,
+      num_beams=num_beams, batch_size=batch_size, length_penalty=length_penalty)
+  return metrics.bleu(hypotheses, [e["reference"] for e in examples]), hypotheses
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _head_predictions(params, batch, *, model):
+  logits, _ = model.apply({"params": params}, batch["inputs"],
+                          last_index=batch["last_index"])  # [batch, labels]
+  return jnp.argmax(logits, axis=-1), batch["weights"] > 0
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _label_word_predictions(params, batch, label_ids, *, model):
+  logits, _ = model.apply({"params": params}, batch["inputs"])  # [batch, length, vocab]
+  rows = jnp.arange(logits.shape[0])
+  at_answer = logits[rows, batch["answer_index"]]  # [batch, vocab]
+  scores = at_answer[:, label_ids]  # [batch, labels]
+  real = batch["weights"][rows, batch["answer_index"]] > 0
+  return jnp.argmax(scores, axis=-1), real
+
+
+def classification_predictions(model: Decoder, params, task, batches) -> tuple[np.ndarray, np.ndarray]:
+  """(predicted class ids, labels) over the real rows of `batches`."""
+  predictions, labels = [], []
+  for batch in batches:
+    if task.mode == "head":
+      pred, real = _head_predictions(params, batch, model=model)
+    else:
+      pred, real = _label_word_predictions(params, batch, np.asarray(task.label_token_ids),
+                                           model=model)
+    real = np.asarray(real)
+    predictions.append(np.asarray(pred)[real])
+    labels.append(np.asarray(batch["labels"])[real])
+  return np.concatenate(predictions), np.concatenate(labels)
+
+
+def evaluate_task(model: Decoder, params, tokenizer, datasets: tasks_lib.TaskDatasets,
+                  eval_config, split: str | None = None) -> dict[str, float]:
+  """{"bleu"} for generation tasks (translation, sft) or {"accuracy", "macro_f1"} for
+  classification, on `split` (default: the main eval split)."""
+  task = datasets.task
+  split = split or datasets.eval_split
+  if isinstance(task, tasks_lib.ClassificationTask):
+    predictions, labels = classification_predictions(model, params, task,
+                                                     datasets.eval_batches(split))
+    return {"accuracy": metrics.accuracy(predictions, labels),
+            "macro_f1": metrics.macro_f1(predictions, labels, task.num_labels),
+            "examples": float(len(labels))}
+  examples = datasets.eval_sets[split].examples
+  score, _ = bleu_of(model.config, params, tokenizer, examples,
+                     max_new_tokens=eval_config.max_new_tokens, num_beams=eval_config.num_beams,
+                     batch_size=eval_config.generation_batch_size,
+                     length_penalty=eval_config.length_penalty,
+                     limit=eval_config.get("max_generation_examples"))
+  limit = eval_config.get("max_generation_examples")
+  return {"bleu": score, "examples": float(min(len(examples), limit or len(examples)))}

@@ -1,0 +1,197 @@
+"""What a run is made of, built from its config: model, tokenizer, data, parameter halves.
+
+`build_run` is shared by training (train/loop.py) and evaluation (decoder_jax.evaluate),
+so both see the same architecture, tokenizer, task and trainable/frozen split.
+
+Parameters are split in two (see train/steps.py): the trainable half lives in the
+TrainState (optimizer state, checkpoints) and the frozen half beside it. With LoRA
+(`config.model.lora`) only the adapters and any classification head are trainable, the
+frozen base comes from `config.init_from` on every start (a LoRA checkpoint stores the
+trainable half, config.json the reference to the base) and may be held in
+`config.train.frozen_dtype` (e.g. bfloat16). Without LoRA everything is trainable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from absl import logging
+from flax import traverse_util
+
+from decoder_jax import peft
+from decoder_jax.data import pipeline, tasks, tokenizers
+from decoder_jax.model import Decoder, ModelConfig
+from decoder_jax.train import init_from, sharding, state as state_lib
+
+MODEL_CONFIG_FILE = "model_config.json"
+
+
+def read_model_config(workdir: str) -> ModelConfig:
+  with open(os.path.join(workdir, MODEL_CONFIG_FILE)) as f:
+    return ModelConfig.from_dict(json.load(f))
+
+
+def resolve_model_config(model_section, tokenizer) -> ModelConfig:
+  """The model config with vocab_size filled from the tokenizer when left as None."""
+  values = model_section.to_dict()
+  if values.get("vocab_size") is None:
+    values["vocab_size"] = tokenizer.vocab_size
+  elif values["vocab_size"] < tokenizer.vocab_size:
+    raise ValueError(f"model.vocab_size={values['vocab_size']} is smaller than the tokenizer's "
+                     f"vocabulary ({tokenizer.vocab_size}); leave it None to use the tokenizer's")
+  return ModelConfig.from_dict(values)
+
+
+def num_labels_of(config) -> int:
+  """Classes of the classification head, 0 when the run has none."""
+  task = config.get("task")
+  if task is None or task.kind != "classification" or task.mode != "head":
+    return 0
+  return len(task.label_names)
+
+
+def trainable_predicate(model_config: ModelConfig):
+  """(path, leaf) -> whether the param trains: all of them, or with LoRA the adapters
+  and the classification head."""
+  if model_config.lora is None:
+    return lambda path, leaf: True
+  return lambda path, leaf: peft.is_lora_param(path) or path[0] == "cls_head"
+
+
+@dataclasses.dataclass
+class Run:
+  model_config: ModelConfig
+  model: Decoder
+  tokenizer: Any
+  datasets: Any  # pipeline.Datasets or tasks.TaskDatasets
+  seq_len: int
+  trainable: Any  # predicate (path, leaf) -> bool
+  boxed_params: Any  # eval_shape of the full params, nn.Partitioned leaves
+  start: Any = None  # init_from.load(...) result (TrainedModel) when the source was read
+
+  @property
+  def task(self):
+    return getattr(self.datasets, "task", None)
+
+
+def build_run(config, workdir: str | None, mesh, *, need_base: bool, resuming: bool) -> Run:
+  """The run's model, tokenizer and data.
+
+  The source of `config.init_from` is read when `need_base` (a first start, or a LoRA
+  run, whose frozen base is not in its checkpoints); otherwise the architecture and
+  tokenizer come from `workdir`, where the first start saved them.
+  """
+  start = None
+  tokenizer = None
+  source = config.get("init_from")
+  if source and (need_base or not resuming):
+    start = init_from.load(source, config.model, mesh)
+    model_config, tokenizer = start.config, start.tokenizer
+    logging.info("initialised from %s", source)
+  elif source:
+    model_config = init_from.training_config(read_model_config(workdir), config.model)
+    tokenizer = tokenizers.load_tokenizer(workdir)
+  task_config = config.get("task")
+  if task_config is not None and tokenizer is None:
+    raise ValueError("a task config (config.task) fine-tunes a pretrained model: set "
+                     "config.init_from to its checkpoint (gguf:FILE, hf:DIR, a converted DIR)")
+  train_cfg = config.train
+  if task_config is not None:
+    seq_len = task_config.max_length
+    datasets = tasks.make_task_datasets(task_config, tokenizer,
+                                        global_batch_size=train_cfg.batch_size,
+                                        eval_batch_size=config.data.eval_batch_size,
+                                        seed=config.seed)
+  else:
+    max_length = model_config.max_length if tokenizer is not None else config.model.max_length
+    seq_len = config.data.get("seq_len") or max_length
+    datasets = pipeline.make_datasets(config.data, seq_len=seq_len,
+                                      global_batch_size=train_cfg.batch_size, seed=config.seed,
+                                      tokenizer=tokenizer)
+  if tokenizer is None:
+    model_config = resolve_model_config(config.model, datasets.tokenizer)
+    tokenizer = datasets.tokenizer
+  if seq_len > model_config.max_length and not model_config.use_rope:
+    raise ValueError(f"sequence length {seq_len} exceeds the model's max_length "
+                     f"({model_config.max_length})")
+  if model_config.lora is not None:
+    if not source:
+      raise ValueError("model.lora adapts pretrained weights: set config.init_from")
+    peft.check_targets(model_config)
+  model = Decoder(model_config, num_labels=num_labels_of(config))
+  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0),
+                                            jnp.zeros((1, 8), jnp.int32)))["params"]
+  return Run(model_config, model, tokenizer, datasets, seq_len,
+             trainable_predicate(model_config), boxed, start)
+
+
+def frozen_dtype(config):
+  name = config.train.get("frozen_dtype")
+  return None if name is None else jnp.dtype(name)
+
+
+def abstract_state(run: Run, tx, mesh, config):
+  """(abstract TrainState, its shardings, frozen abstract, frozen shardings)."""
+  trainable_boxed, frozen_boxed = peft.split(run.boxed_params, run.trainable)
+  boxed_state = jax.eval_shape(
+      lambda p: state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=p,
+                                     opt_state=tx.init(p), tx=tx), trainable_boxed)
+  state_shardings = sharding.shardings_for(boxed_state, mesh)
+  frozen_shardings = sharding.shardings_for(frozen_boxed, mesh)
+  cast = frozen_dtype(config)
+
+  def abstract(tree, shardings, dtype=None):
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype or s.dtype,
+                                                           sharding=sh),
+                        nn.unbox(tree), shardings)
+
+  return (abstract(boxed_state, state_shardings), state_shardings,
+          abstract(frozen_boxed, frozen_shardings, cast), frozen_shardings)
+
+
+def initial_params(run: Run, mesh, rng):
+  """The full starting params: the source's plus fresh leaves it lacks (LoRA adapters, a
+  classification head), or a random init when there is no source."""
+  shardings = sharding.shardings_for(run.boxed_params, mesh)
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  if run.start is None:
+    init = jax.jit(lambda r: nn.unbox(run.model.init(r, tokens))["params"],
+                   out_shardings=shardings)
+    return init(rng)
+  have = traverse_util.flatten_dict(run.start.params)
+  flat_shardings = traverse_util.flatten_dict(shardings)
+  wanted = traverse_util.flatten_dict(nn.unbox(run.boxed_params))
+  missing = [path for path in wanted if path not in have]
+  extra = [path for path in have if path not in wanted]
+  if extra:
+    raise ValueError(f"the source's params have leaves this model lacks: "
+                     f"{['/'.join(p) for p in extra[:5]]}")
+
+  # Under jit, XLA computes only the missing leaves of the full init (no second base copy).
+  @jax.jit
+  def fresh(r):
+    flat = traverse_util.flatten_dict(nn.unbox(run.model.init(r, tokens))["params"])
+    return {path: flat[path] for path in missing}
+
+  new = {path: jax.device_put(leaf, flat_shardings[path]) for path, leaf in fresh(rng).items()}
+  if missing:
+    logging.info("new parameters (not in the source): %s",
+                 sorted({"/".join(p[-3:-1] if peft.is_lora_param(p) else p[:-1])
+                         for p in missing})[:8])
+  return traverse_util.unflatten_dict({**have, **new})
+
+
+def split_params(run: Run, params, frozen_shardings, config):
+  """(trainable, frozen) halves; the frozen one cast to train.frozen_dtype if set."""
+  trainable, frozen = peft.split(params, run.trainable)
+  cast = frozen_dtype(config)
+  if cast is not None:
+    frozen = jax.jit(lambda f: jax.tree.map(lambda x: x.astype(cast), f),
+                     out_shardings=frozen_shardings)(frozen)
+  return trainable, frozen
