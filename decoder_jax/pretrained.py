@@ -5,7 +5,9 @@ Sources:
   "gguf:FILE"  a llama.cpp GGUF file (quantized weights are dequantized);
   "hf:DIR"     a Hugging Face model directory (config.json, safetensors, tokenizer.json);
   "DIR"        a Hugging Face directory, or one written by `python -m decoder_jax.convert`;
-  "FILE.gguf"  the same as "gguf:FILE".
+  "FILE.gguf"  the same as "gguf:FILE";
+  "fetch:NAME" a model decoder_jax downloads into its cache on first use
+               (interop.fetch.FETCHABLE: "smollm2-135m-instruct").
 """
 
 from __future__ import annotations
@@ -69,6 +71,10 @@ def _load_converted(directory: str, mesh, dtype):
 def _resolve(source: str) -> tuple[str, str]:
   """(kind, path) with kind one of "gguf", "hf", "converted"."""
   kind, sep, rest = source.partition(":")
+  if sep and kind == "fetch":
+    from decoder_jax.interop import fetch
+
+    return "gguf", str(fetch.fetch(rest))
   if sep and kind in ("gguf", "hf"):
     path = os.path.expanduser(rest)
     if kind == "gguf" and not os.path.isfile(path):

@@ -198,6 +198,20 @@ def _column(header: list[str], candidates: tuple[str, ...], role: str, path: Pat
   raise ValueError(f"{path}: no {role} column {wanted}; the header line has columns {header}.")
 
 
+def read_parallel_pair(source_file: str | os.PathLike, reference_file: str | os.PathLike
+                       ) -> list[dict[str, str]]:
+  """[{"source", "target"}] from two line-aligned text files (gzipped or not)."""
+  paths = [Path(os.fspath(source_file)), Path(os.fspath(reference_file))]
+  for path in paths:
+    if not path.is_file():
+      raise FileNotFoundError(f"{path} does not exist")
+  sources, targets = (list(_read_lines(p)) for p in paths)
+  if len(sources) != len(targets):
+    raise ValueError(f"{paths[0]} has {len(sources)} lines but {paths[1]} has {len(targets)}; "
+                     "parallel files must be line-aligned")
+  return [{"source": a, "target": b} for a, b in zip(sources, targets)]
+
+
 def read_labelled_tsv(path: Path, label_column: str, text_columns: str | Sequence[str],
                       label_names: Sequence[str]) -> Iterator[tuple[str, int]]:
   """(text, label index) per data line of a headed TSV file; checks every label."""

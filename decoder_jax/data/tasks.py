@@ -356,7 +356,7 @@ class ClassificationTask(Task):
 
 def make_task(task_config, tokenizer) -> Task:
   """The task a config describes; every setting is checked here, before data is read."""
-  config = _with_defaults(task_config)
+  config = with_defaults(task_config)
   _check_choice("task.kind", config.kind, KINDS)
   template = config.prompt_template or DEFAULT_TEMPLATES[config.kind]
   common = dict(use_chat_template=config.use_chat_template,
@@ -595,7 +595,7 @@ class TaskDatasets:
     return self.eval_sets[self.eval_split].examples
 
 
-def _with_defaults(task_config) -> ml_collections.ConfigDict:
+def with_defaults(task_config) -> ml_collections.ConfigDict:
   """Copies the fields this module reads; ones `task_config` lacks take their defaults."""
   config = default_task_config()
   missing = object()
@@ -660,6 +660,20 @@ def _eval_examples(task: Task, examples: list[dict], max_length: int) -> list[di
   return out
 
 
+def make_eval_set(task: Task, raw: list[dict], where: str, *, split: str, max_length: int,
+                  eval_batch_size: int, rows: slice, buckets: Sequence[int],
+                  pad_id: int) -> EvalSet:
+  """Loss batches and generation/classification examples of raw eval examples."""
+  encoded = encode_examples(task, raw, max_length, where)
+  if not len(encoded):
+    raise ValueError(f"{where} has no usable eval examples.")
+  label_words = isinstance(task, ClassificationTask) and task.mode == "label_words"
+  return EvalSet(split=split,
+                 batch_list=eval_batch_list(encoded, eval_batch_size, rows, buckets, pad_id,
+                                            label_words),
+                 examples=_eval_examples(task, raw, max_length), stats=encoded.stats)
+
+
 def make_task_datasets(
     task_config,
     tokenizer,
@@ -671,7 +685,7 @@ def make_task_datasets(
     process_count: int | None = None,
 ) -> TaskDatasets:
   """Task, training iterator and eval sets for the trainer; bad settings fail first."""
-  config = _with_defaults(task_config)
+  config = with_defaults(task_config)
   task = make_task(config, tokenizer)
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
@@ -713,15 +727,9 @@ def make_task_datasets(
   eval_sets = {}
   for split in eval_splits:
     raw = load_examples(config, split, config.max_eval_examples)
-    encoded = encode_examples(task, raw, config.max_length, f"{config.source}:{split}")
-    if not len(encoded):
-      raise ValueError(f"{config.source}:{split} has no usable eval examples.")
-    eval_sets[split] = EvalSet(
-        split=split,
-        batch_list=eval_batch_list(encoded, eval_batch_size, eval_rows, buckets, pad_id,
-                                   label_words),
-        examples=_eval_examples(task, raw, config.max_length),
-        stats=encoded.stats)
+    eval_sets[split] = make_eval_set(task, raw, f"{config.source}:{split}", split=split,
+                                     max_length=config.max_length, eval_batch_size=eval_batch_size,
+                                     rows=eval_rows, buckets=buckets, pad_id=pad_id)
   logging.info("Task %s on %s: %d train examples (%d steps per epoch), eval %s, buckets %s.",
                task.kind, config.source, len(train), batch_fn.batches_per_epoch,
                {s: len(e.examples) for s, e in eval_sets.items()}, buckets)

@@ -77,3 +77,14 @@ def smollm2_gguf_path(cache_dir: str | os.PathLike | None = None) -> pathlib.Pat
           dst.write(chunk)
       os.replace(partial, target)  # atomic: a concurrent reader never sees half a file
   return target
+
+
+# Models `load_pretrained("fetch:NAME")` (and so --pretrained / config.init_from) fetch.
+FETCHABLE = {"smollm2-135m-instruct": smollm2_gguf_path}
+
+
+def fetch(name: str) -> pathlib.Path:
+  """The local file of a fetchable model, downloaded into the cache on first use."""
+  if name not in FETCHABLE:
+    raise ValueError(f"no fetchable model {name!r}; known: {sorted(FETCHABLE)}")
+  return FETCHABLE[name]()

@@ -63,3 +63,43 @@ def base_config(*, model, train, data_overrides=None, mesh=None, seed=1337):
       num_cpu_devices=config_dict.placeholder(int)))
   config.mesh.update(mesh or {})
   return config
+
+
+FINETUNE_ARGS = ("full", "lora", "cpu")
+
+
+def parse_finetune_arg(arg: str | None) -> tuple[str, bool]:
+  """"lora,cpu" -> ("lora", True). The method (full | lora) is required."""
+  parts = [p for p in (arg or "").split(",") if p]
+  unknown = [p for p in parts if p not in FINETUNE_ARGS]
+  methods = [p for p in parts if p in ("full", "lora")]
+  if unknown or len(methods) != 1 or len(parts) != len(set(parts)):
+    raise ValueError(f"config arg {arg!r}: give full or lora, optionally with cpu "
+                     "(e.g. ':lora' or ':full,cpu')")
+  return methods[0], "cpu" in parts
+
+
+def finetune_config(*, method: str, cpu: bool, task, train, eval_section,
+                    init_from: str = "fetch:smollm2-135m-instruct", lora_rank: int = 16,
+                    lora_alpha: float = 32.0, seed: int = 0):
+  """A fine-tuning experiment: pretrained weights (`init_from`), a task, full or LoRA.
+
+  The model section only holds training choices (the architecture is the source's):
+  float32 on CPU, bfloat16 compute on an accelerator; LoRA keeps the frozen base in
+  bfloat16 there.
+  """
+  model = model_section(
+      dtype="float32" if cpu else "bfloat16", scan_layers=True,
+      attention_impl="xla" if cpu else "auto")
+  if method == "lora":
+    model.lora = ml_collections.ConfigDict(dict(
+        rank=lora_rank, alpha=lora_alpha, dropout=0.05,
+        targets=("attn/.*", "mlp/.*"), rslora=False))
+    if not cpu:
+      train.frozen_dtype = "bfloat16"
+  config = base_config(model=model, train=train, seed=seed,
+                       mesh=dict(num_cpu_devices=2) if cpu else None)
+  config.init_from = init_from
+  config.task = task
+  config.eval = eval_section
+  return config

@@ -72,7 +72,8 @@ def load(source: str, model_section, mesh):
     start = pretrained.load_pretrained(source, mesh=mesh)
   config = training_config(start.config, model_section)
   params = relayout_layers(start.params, config.num_layers, config.scan_layers)
-  shardings = inference.param_shardings(config, mesh)
+  # The source has no adapters: lay its leaves out as the plain model's.
+  shardings = inference.param_shardings(dataclasses.replace(config, lora=None), mesh)
   cast = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(jnp.dtype(config.param_dtype)), p),
                  out_shardings=shardings)
   return inference.TrainedModel(config, cast(params), start.tokenizer)
