@@ -75,14 +75,15 @@ def _eval_set(datasets, task_config, split, source_file, reference_file, tsv_fil
   return eval_set, where
 
 
-def evaluate(config, workdir: str | None, *, zero_shot: bool = False, weights: str = "best",
-             split=None, source_file=None, reference_file=None, tsv_file=None, num_beams=None,
-             max_new_tokens=None, max_examples=None, output=None, config_name=None) -> dict:
-  """The metrics of the run in `workdir` (or the pretrained model) on one evaluation set."""
+def load_finetuned(config, workdir: str | None, *, zero_shot: bool = False,
+                   weights: str = "best"):
+  """(run, params, what) for a task config: the base from config.init_from plus the
+  trainable half from `workdir` ("best" or "latest" checkpoint), or the pretrained model
+  alone with `zero_shot` (or when `workdir` holds no run). `params` is the full tree (LoRA
+  adapters unmerged); `what` says which weights these are."""
   import jax
 
-  from decoder_jax.data import tasks
-  from decoder_jax.evaluation import task_eval
+  from decoder_jax import peft
   from decoder_jax.train import loop, optimizer, setup, sharding
 
   if config.get("task") is None:
@@ -101,15 +102,34 @@ def evaluate(config, workdir: str | None, *, zero_shot: bool = False, weights: s
     raise app.UsageError("zero-shot needs task.mode=label_words: a classification head is "
                          "untrained before fine-tuning")
   tx = optimizer.make_optimizer(config.train)
-  _, state_shardings, _, frozen_shardings = setup.abstract_state(run, tx, mesh, config)
+  _, _, _, frozen_shardings = setup.abstract_state(run, tx, mesh, config)
   trainable, frozen = setup.split_params(run, setup.initial_params(run, mesh, jax.random.key(0)),
                                          frozen_shardings, config)
   run.start = None
-  scored = {"weights": "zero-shot (config.init_from)", "source": config.init_from}
+  what = {"weights": "zero-shot (config.init_from)", "source": config.init_from}
   if not zero_shot:
-    trainable, scored = _restore_trainable(workdir, weights, run, tx, mesh, config, trainable)
-  params = setup.peft.combine(trainable, frozen)
+    trainable, what = _restore_trainable(workdir, weights, run, tx, mesh, config, trainable)
+  return run, peft.combine(trainable, frozen), what
 
+
+def merged_model(run, params):
+  """An inference.TrainedModel of a loaded run with any LoRA adapters folded in, for
+  inference.generate_batch / complete or evaluation.generation.generate_texts."""
+  from decoder_jax import inference
+  from decoder_jax.evaluation import task_eval
+
+  config, params = task_eval.plain_model(run.model_config, params)
+  return inference.TrainedModel(config, params, run.tokenizer)
+
+
+def evaluate(config, workdir: str | None, *, zero_shot: bool = False, weights: str = "best",
+             split=None, source_file=None, reference_file=None, tsv_file=None, num_beams=None,
+             max_new_tokens=None, max_examples=None, output=None, config_name=None) -> dict:
+  """The metrics of the run in `workdir` (or the pretrained model) on one evaluation set."""
+  from decoder_jax.data import tasks
+  from decoder_jax.evaluation import task_eval
+
+  run, params, scored = load_finetuned(config, workdir, zero_shot=zero_shot, weights=weights)
   eval_config = (config.get("eval") or task_eval.default_eval_config()).copy_and_resolve_references()
   with eval_config.unlocked():
     if num_beams is not None:

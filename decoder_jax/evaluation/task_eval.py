@@ -38,19 +38,26 @@ def plain_model(model_config: ModelConfig, params):
   """(config, params) with any LoRA adapters folded into the kernels."""
   if model_config.lora is None:
     return model_config, params
-  return peft.merge(params, model_config)
+  merged, config = peft.merge(params, model_config)
+  return config, merged
 
 
 def bleu_of(model_config: ModelConfig, params, tokenizer, examples, *, max_new_tokens: int,
             num_beams: int = 1, batch_size: int = 32, length_penalty: float = 1.0,
             limit: int | None = None) -> tuple[float, list[str]]:
-  """(corpus BLEU, hypotheses) of greedy or beam generations from each example's prompt."""
+  """(corpus BLEU, hypotheses) of greedy or beam generations from each example's prompt.
+
+  A hypothesis ends at its first line break: the prompts hold one sentence per line, and
+  a model that has not learnt to stop (zero-shot) would otherwise be scored on whatever
+  it writes after its translation.
+  """
   examples = examples[:limit] if limit else examples
   config, params = plain_model(model_config, params)
   trained = inference.TrainedModel(config, params, tokenizer)
   hypotheses = generation.generate_texts(
       trained, [list(e["prompt_ids"]) for e in examples], max_new_tokens=max_new_tokens,
       num_beams=num_beams, batch_size=batch_size, length_penalty=length_penalty)
+  hypotheses = [h.strip().split("\n")[0].strip() for h in hypotheses]
   return metrics.bleu(hypotheses, [e["reference"] for e in examples]), hypotheses
 
 
