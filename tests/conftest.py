@@ -35,3 +35,41 @@ def require_corpora() -> pathlib.Path:
 @pytest.fixture(scope="session")
 def data_dir() -> pathlib.Path:
   return require_corpora()
+
+
+# A tiny Llama with SmolLM2's vocabulary: stands in for the pretrained model in tests.
+TINY_SMOL = dict(family="llama", vocab_size=49152, num_layers=2, num_heads=4, num_kv_heads=2,
+                 width=32, max_length=256, use_bias=False, tie_embeddings=True)
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+  from decoder_jax.interop import fetch, gguf
+  return gguf.tokenizer_from_gguf(fetch.smollm2_gguf_path())  # metadata only, no weights
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrained(tmp_path_factory, smol_tokenizer):
+  """A directory in `python -m decoder_jax.convert`'s layout: a random tiny Llama with the
+  SmolLM2 tokenizer, standing in for a pretrained checkpoint."""
+  import json
+
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  import orbax.checkpoint as ocp
+
+  from decoder_jax import pretrained
+  from decoder_jax.data import tokenizers
+  from decoder_jax.model import Decoder, ModelConfig
+  from decoder_jax.train import loop
+
+  directory = tmp_path_factory.mktemp("pretrained")
+  config = ModelConfig(**TINY_SMOL)
+  params = Decoder(config).init(jax.random.key(7), jnp.zeros((1, 8), jnp.int32))["params"]
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(str(directory / pretrained.PARAMS_DIR), nn.unbox(params))
+  with open(directory / loop.MODEL_CONFIG_FILE, "w") as f:
+    json.dump(config.to_dict(), f)
+  tokenizers.save_tokenizer(smol_tokenizer, directory)
+  return directory

@@ -23,31 +23,7 @@ from decoder_jax.evaluation import generation, metrics
 from decoder_jax.model import Decoder, ModelConfig
 from decoder_jax.train import checkpoint, loop, state as state_lib, steps
 
-TINY = dict(family="llama", vocab_size=49152, num_layers=2, num_heads=4, num_kv_heads=2,
-            width=32, max_length=256, use_bias=False, tie_embeddings=True)
-
-
-@pytest.fixture(scope="module")
-def smol_tokenizer():
-  from decoder_jax.interop import fetch, gguf
-  return gguf.tokenizer_from_gguf(fetch.smollm2_gguf_path())  # metadata only, no weights
-
-
-@pytest.fixture(scope="module")
-def tiny_pretrained(tmp_path_factory, smol_tokenizer):
-  """A directory in `python -m decoder_jax.convert`'s layout: a random tiny Llama with the
-  SmolLM2 tokenizer, standing in for a pretrained checkpoint."""
-  from decoder_jax import pretrained
-
-  directory = tmp_path_factory.mktemp("pretrained")
-  config = ModelConfig(**TINY)
-  params = Decoder(config).init(jax.random.key(7), jnp.zeros((1, 8), jnp.int32))["params"]
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(str(directory / pretrained.PARAMS_DIR), nn.unbox(params))
-  with open(directory / loop.MODEL_CONFIG_FILE, "w") as f:
-    json.dump(config.to_dict(), f)
-  tokenizers.save_tokenizer(smol_tokenizer, directory)
-  return directory
+from conftest import TINY_SMOL as TINY
 
 
 def sst2_config(data_dir, tmp_path, source, method, **train):
