@@ -140,18 +140,18 @@ def evaluate(config, workdir: str | None, *, zero_shot: bool = False, weights: s
   eval_set, where = _eval_set(run.datasets, config.task, split, source_file, reference_file,
                               tsv_file, config.data.eval_batch_size, max_examples)
   start = time.perf_counter()
-  result = {"config": config_name, "examples_from": where, **scored,
-            "loss": _mean_loss(run.model, params, eval_set.batch_list)}
+  result = {"config": config_name, "examples_from": where, **scored}
   task = run.datasets.task
   if isinstance(task, tasks.ClassificationTask):
-    predictions, labels = task_eval.classification_predictions(
+    predictions, labels, loss = task_eval.classification_predictions(
         run.model, params, task, (dict(b) for b in eval_set.batch_list))
     from decoder_jax.evaluation import metrics
 
-    result.update(accuracy=metrics.accuracy(predictions, labels),
+    result.update(loss=loss, accuracy=metrics.accuracy(predictions, labels),
                   macro_f1=metrics.macro_f1(predictions, labels, task.num_labels),
                   examples=len(labels), mode=task.mode)
   else:
+    result["loss"] = _mean_loss(run.model, params, eval_set.batch_list)
     examples = eval_set.examples
     bleu, hypotheses = task_eval.bleu_of(
         run.model_config, params, run.tokenizer, examples,

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
 from decoder_jax import inference, peft
 from decoder_jax.data import tasks as tasks_lib
@@ -63,46 +64,57 @@ def bleu_of(model_config: ModelConfig, params, tokenizer, examples, *, max_new_t
 
 @functools.partial(jax.jit, static_argnames=("model",))
 def _head_predictions(params, batch, *, model):
+  """(predicted class [batch], real-row mask [batch], loss sum, weight sum) in one forward."""
   logits, _ = model.apply({"params": params}, batch["inputs"],
                           last_index=batch["last_index"])  # [batch, labels]
-  return jnp.argmax(logits, axis=-1), batch["weights"] > 0
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])  # [batch]
+  return (jnp.argmax(logits, axis=-1), batch["weights"] > 0,
+          (losses * batch["weights"]).sum(), batch["weights"].sum())
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
 def _label_word_predictions(params, batch, label_ids, *, model):
+  """The same for label words: the LM head's scores of the label words at answer_index;
+  the loss is the LM loss on the weighted targets (the label word)."""
   logits, _ = model.apply({"params": params}, batch["inputs"])  # [batch, length, vocab]
+  logits = logits.astype(jnp.float32)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
   rows = jnp.arange(logits.shape[0])
   at_answer = logits[rows, batch["answer_index"]]  # [batch, vocab]
   scores = at_answer[:, label_ids]  # [batch, labels]
   real = batch["weights"][rows, batch["answer_index"]] > 0
-  return jnp.argmax(scores, axis=-1), real
+  return (jnp.argmax(scores, axis=-1), real, (losses * batch["weights"]).sum(),
+          batch["weights"].sum())
 
 
-def classification_predictions(model: Decoder, params, task, batches) -> tuple[np.ndarray, np.ndarray]:
-  """(predicted class ids, labels) over the real rows of `batches`."""
+def classification_predictions(model: Decoder, params, task, batches):
+  """(predicted class ids, labels, mean loss) over the real rows of `batches`."""
   predictions, labels = [], []
+  total = weight = 0.0
   for batch in batches:
     if task.mode == "head":
-      pred, real = _head_predictions(params, batch, model=model)
+      pred, real, t, w = _head_predictions(params, batch, model=model)
     else:
-      pred, real = _label_word_predictions(params, batch, np.asarray(task.label_token_ids),
-                                           model=model)
+      pred, real, t, w = _label_word_predictions(params, batch,
+                                                 np.asarray(task.label_token_ids), model=model)
     real = np.asarray(real)
     predictions.append(np.asarray(pred)[real])
     labels.append(np.asarray(batch["labels"])[real])
-  return np.concatenate(predictions), np.concatenate(labels)
+    total, weight = total + float(t), weight + float(w)
+  return np.concatenate(predictions), np.concatenate(labels), total / max(weight, 1.0)
 
 
 def evaluate_task(model: Decoder, params, tokenizer, datasets: tasks_lib.TaskDatasets,
                   eval_config, split: str | None = None) -> dict[str, float]:
-  """{"bleu"} for generation tasks (translation, sft) or {"accuracy", "macro_f1"} for
-  classification, on `split` (default: the main eval split)."""
+  """{"bleu"} for generation tasks (translation, sft) or {"loss", "accuracy", "macro_f1"}
+  for classification (one forward pass gives all three), on `split` (default: the main
+  eval split)."""
   task = datasets.task
   split = split or datasets.eval_split
   if isinstance(task, tasks_lib.ClassificationTask):
-    predictions, labels = classification_predictions(model, params, task,
-                                                     datasets.eval_batches(split))
-    return {"accuracy": metrics.accuracy(predictions, labels),
+    predictions, labels, loss = classification_predictions(model, params, task,
+                                                           datasets.eval_batches(split))
+    return {"loss": loss, "accuracy": metrics.accuracy(predictions, labels),
             "macro_f1": metrics.macro_f1(predictions, labels, task.num_labels),
             "examples": float(len(labels))}
   examples = datasets.eval_sets[split].examples

@@ -113,19 +113,22 @@ class TaskEvaluator:
     except FileNotFoundError:
       return None
 
-  def __call__(self, step, params, frozen, eval_loss) -> dict[str, float]:
-    found = {"loss": eval_loss}
+  def __call__(self, step, params, frozen, eval_loss_fn) -> dict[str, float]:
+    """eval/* metrics at `step`; `eval_loss_fn()` gives the eval loss when the task
+    evaluation does not measure it on the way."""
+    found = {}
     if self.run.task is not None:
-      values = self._task_eval.evaluate_task(self.run.model, combine(params, frozen),
-                                             self.run.tokenizer, self.run.datasets,
-                                             self.eval_config)
-      found.update(values)
+      found.update(self._task_eval.evaluate_task(self.run.model, combine(params, frozen),
+                                                 self.run.tokenizer, self.run.datasets,
+                                                 self.eval_config))
+    if "loss" not in found:
+      found["loss"] = eval_loss_fn()
     if self.metric not in found:
       raise ValueError(f"eval.metric={self.metric!r} is not measured for this run; it "
                        f"measures {sorted(found)}")
     if self.keep_best:
       self._keep_if_best(step, params, found[self.metric])
-    return {f"eval/{k}": v for k, v in found.items() if k != "loss"}
+    return {f"eval/{k}": v for k, v in found.items()}
 
   def _keep_if_best(self, step, params, value):
     higher = self._task_eval.HIGHER_IS_BETTER[self.metric]
@@ -234,9 +237,8 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
           writer.write(step, last)
           progress.log(step, last)
         if step % train_cfg.eval_every == 0 or is_last:
-          evaluated = {"eval/loss": evaluate(eval_step, state.params, frozen, datasets,
-                                             batch_sharding)}
-          evaluated.update(task_evaluator(step, state.params, frozen, evaluated["eval/loss"]))
+          evaluated = task_evaluator(step, state.params, frozen, lambda: evaluate(
+              eval_step, state.params, frozen, datasets, batch_sharding))
           writer.write(step, evaluated)
           logging.info("step %d  %s", step,
                        "  ".join(f"{k}={v:.4f}" for k, v in evaluated.items()))

@@ -84,7 +84,10 @@ def make_train_step(model, grad_accum_steps: int, dropout: bool):
       (total, weight, grads), _ = jax.lax.scan(accumulate, zeros,
                                                (jnp.arange(grad_accum_steps), micro))
     weight = jnp.maximum(weight, 1.0)
-    loss, grads = total / weight, jax.tree.map(lambda g: g / weight, grads)
+    # Back in each parameter's dtype: a float32 weight would otherwise promote bfloat16
+    # gradients, and with them the optimizer state, changing the state's types after step 1.
+    loss = total / weight
+    grads = jax.tree.map(lambda g, p: (g / weight).astype(p.dtype), grads, state.params)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
     return state.apply_gradients(grads), metrics
 
