@@ -214,3 +214,23 @@ def test_evaluate_cli_zero_shot_on_a_tsv_file(data_dir, tmp_path, tiny_pretraine
   result = json.loads(done.stdout.strip().splitlines()[-1])
   assert result["examples"] == 20 and result["examples_from"] == str(tsv)
   assert 0.0 <= result["accuracy"] <= 1.0 and result["weights"].startswith("zero-shot")
+
+
+def test_bfloat16_params_keep_their_dtype_through_steps():
+  """Gradients come back in the params' dtype, so the optimizer state (and the compiled
+  step's input types) stay the same after the first step."""
+  config = ModelConfig(**{**TINY, "vocab_size": 64, "dtype": "bfloat16",
+                          "param_dtype": "bfloat16"})
+  model = Decoder(config)
+  params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+  tx = optax.adamw(1e-3)
+  state = state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                               opt_state=tx.init(params), tx=tx)
+  tokens = np.random.default_rng(0).integers(0, 64, (2, 9)).astype(np.int32)
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+  step = jax.jit(steps.make_train_step(model, 1, dropout=False), donate_argnums=0)
+  for _ in range(2):
+    state, _ = step(state, {}, batch, jax.random.key(0))
+  dtypes = {x.dtype for x in jax.tree.leaves((state.params, state.opt_state[0].mu))}
+  assert dtypes == {jnp.dtype("bfloat16")}
+  assert step._cache_size() == 1
