@@ -37,7 +37,12 @@ class TrainedModel:
 
 
 def load_trained(workdir: str) -> TrainedModel:
-  """The latest checkpoint of a training workdir, with its model config and tokenizer."""
+  """The latest checkpoint of a training workdir, with its model config and tokenizer.
+
+  A run started from pretrained weights (config.init_from, e.g. a LoRA fine-tuning) comes
+  back as a plain model: its base re-read from the source where the checkpoint holds only
+  the trainable half, LoRA adapters merged into the kernels.
+  """
   config_path = os.path.join(workdir, MODEL_CONFIG_FILE)
   if not os.path.exists(config_path):
     raise FileNotFoundError(f"{config_path} not found: is {workdir!r} a decoder_jax training "
@@ -45,7 +50,10 @@ def load_trained(workdir: str) -> TrainedModel:
   with open(config_path) as f:
     model_config = ModelConfig.from_dict(json.load(f))
   with open(os.path.join(workdir, "config.json")) as f:
-    train_config = ml_collections.ConfigDict(json.load(f)).train
+    run_config = ml_collections.ConfigDict(json.load(f))
+  if run_config.get("init_from"):
+    return _load_from_pretrained_run(workdir, run_config)
+  train_config = run_config.train
   manager = checkpoint.make_manager(workdir, 1, 1, async_writes=False)
   if manager.latest_step() is None:
     raise FileNotFoundError(f"no checkpoint in {manager.directory}")
@@ -57,6 +65,31 @@ def load_trained(workdir: str) -> TrainedModel:
   manager.close()
   return TrainedModel(model_config, state.params, tokenizers.load_tokenizer(workdir),
                       int(state.step))
+
+
+def _load_from_pretrained_run(workdir: str, config) -> TrainedModel:
+  from decoder_jax import peft
+  from decoder_jax.train import setup
+
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  lora = config.model.get("lora") is not None
+  run = setup.build_run(config, workdir, mesh, need_base=lora, resuming=True, with_data=False)
+  tx = optimizer.make_optimizer(config.train)
+  abstract, _, _, frozen_shardings = setup.abstract_state(run, tx, mesh, config)
+  manager = checkpoint.make_manager(workdir, 1, 1, async_writes=False)
+  if manager.latest_step() is None:
+    raise FileNotFoundError(f"no checkpoint in {manager.directory}")
+  state, _ = checkpoint.restore(manager, abstract)
+  manager.close()
+  frozen = {}
+  if lora:
+    _, frozen = setup.split_params(run, setup.initial_params(run, mesh, jax.random.key(0)),
+                                   frozen_shardings, config)
+  params = peft.combine(state.params, frozen)
+  model_config = run.model_config
+  if lora:
+    params, model_config = peft.merge(params, model_config)
+  return TrainedModel(model_config, params, run.tokenizer, int(state.step))
 
 
 def with_dtype(trained: TrainedModel, dtype: str | None) -> TrainedModel:

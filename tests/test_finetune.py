@@ -76,6 +76,14 @@ def test_lora_run_checkpoints_only_adapters_and_restores(data_dir, tmp_path, tin
   assert scored["accuracy"] == pytest.approx(logged["eval/accuracy"])
   assert scored["examples"] == 48
 
+  # `generate --workdir` of a LoRA run: the base from init_from, the adapters merged in.
+  merged = inference.load_trained(str(tmp_path / "lora"))
+  assert merged.config.lora is None and merged.step == 4
+  run, params, _ = evaluate.load_finetuned(lora, str(tmp_path / "lora"), weights="latest")
+  unmerged_logits = run.model.apply({"params": params}, jnp.arange(12)[None])[0]
+  merged_logits = Decoder(merged.config).apply({"params": merged.params}, jnp.arange(12)[None])[0]
+  np.testing.assert_allclose(merged_logits, unmerged_logits, atol=1e-4)
+
 
 def loop_metrics(workdir):
   rows = {}

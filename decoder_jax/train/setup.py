@@ -80,8 +80,9 @@ class Run:
     return getattr(self.datasets, "task", None)
 
 
-def build_run(config, workdir: str | None, mesh, *, need_base: bool, resuming: bool) -> Run:
-  """The run's model, tokenizer and data.
+def build_run(config, workdir: str | None, mesh, *, need_base: bool, resuming: bool,
+              with_data: bool = True) -> Run:
+  """The run's model, tokenizer and data (`run.datasets` None without `with_data`).
 
   The source of `config.init_from` is read when `need_base` (a first start, or a LoRA
   run, whose frozen base is not in its checkpoints); otherwise the architecture and
@@ -102,7 +103,14 @@ def build_run(config, workdir: str | None, mesh, *, need_base: bool, resuming: b
     raise ValueError("a task config (config.task) fine-tunes a pretrained model: set "
                      "config.init_from to its checkpoint (gguf:FILE, hf:DIR, a converted DIR)")
   train_cfg = config.train
-  if task_config is not None:
+  if not with_data:
+    if tokenizer is None:
+      raise ValueError("without data, the tokenizer must come from config.init_from or the "
+                       "workdir")
+    datasets = None
+    seq_len = (task_config.max_length if task_config is not None
+               else config.data.get("seq_len") or model_config.max_length)
+  elif task_config is not None:
     seq_len = task_config.max_length
     datasets = tasks.make_task_datasets(task_config, tokenizer,
                                         global_batch_size=train_cfg.batch_size,
