@@ -14,6 +14,9 @@ from typing import Any, Optional
 
 FAMILIES = ("gpt2", "llama")
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "auto")
+# What a block keeps for the backward pass: everything ("none", no recomputation), only
+# matmul outputs without batch dimensions ("dots_saveable"), or nothing ("full").
+REMAT_POLICIES = ("none", "dots_saveable", "full")
 
 
 # Every attention and MLP projection (llama: query, key, value, out, gate, up, down; gpt2
@@ -100,12 +103,18 @@ class ModelConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   attention_impl: str = "xla"  # passed to jax.nn.dot_product_attention ("auto": cudnn on GPU)
-  remat: bool = False  # recompute each block's activations in the backward pass
+  # Recompute block activations in the backward pass: one of REMAT_POLICIES (True and
+  # False, from older configs, mean "full" and "none").
+  remat: str = "none"
   scan_layers: bool = False  # one lax.scan over stacked layer params (faster compiles)
   init_std: float = 0.02
   lora: Optional[LoraConfig] = None  # low-rank adapters (decoder_jax.peft); None: plain model
 
   def __post_init__(self):
+    if isinstance(self.remat, bool):
+      object.__setattr__(self, "remat", "full" if self.remat else "none")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"model.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
     if isinstance(self.lora, dict):  # from JSON / a ConfigDict section
       object.__setattr__(self, "lora", LoraConfig.from_dict(self.lora))
     if self.lora is not None and not isinstance(self.lora, LoraConfig):

@@ -33,6 +33,15 @@ class _ScannedBlock(Block):
     return super().__call__(x, positions, layer_cache)
 
 
+def _rematted(block_cls, policy: str, **kwargs):
+  """block_cls under the config's rematerialisation policy (see REMAT_POLICIES)."""
+  if policy == "none":
+    return block_cls
+  saveable = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+              if policy == "dots_saveable" else None)
+  return nn.remat(block_cls, policy=saveable, **kwargs)
+
+
 class Decoder(nn.Module):
   """tokens [batch, length] -> logits [batch, length, vocab] (and the updated cache).
 
@@ -45,13 +54,17 @@ class Decoder(nn.Module):
   the final hidden state of one position per row): called with `last_index` (int32
   [batch], each row's final non-padding position) it returns class logits
   [batch, num_labels] in float32 instead of token logits.
+
+  `return_hidden` returns the final normalised hidden states [batch, length, embed]
+  instead of logits, for losses that apply the output projection themselves in chunks
+  (train/steps.py), never holding [batch, length, vocab] logits.
   """
   config: ModelConfig
   num_labels: int = 0
 
   @nn.compact
   def __call__(self, tokens, positions=None, cache=None, deterministic: bool = True,
-               last_index=None):
+               last_index=None, return_hidden: bool = False):
     cfg = self.config
     batch, length = tokens.shape
     if positions is None:
@@ -71,7 +84,7 @@ class Decoder(nn.Module):
     if cfg.scan_layers:
       x, cache = self._scanned_layers(x, positions, cache, deterministic)
     else:
-      block_cls = nn.remat(Block) if cfg.remat else Block
+      block_cls = _rematted(Block, cfg.remat)
       new_layers = []
       for i in range(cfg.num_layers):
         layer_cache = None if cache is None else cache["layers"][i]
@@ -81,6 +94,8 @@ class Decoder(nn.Module):
       cache = None if cache is None else {"layers": new_layers}
 
     x = layers.norm(cfg, "final_norm")(x)
+    if return_hidden:
+      return x, cache
     if self.num_labels:
       rows = jnp.arange(batch)
       index = jnp.full((batch,), length - 1) if last_index is None else last_index
@@ -103,7 +118,7 @@ class Decoder(nn.Module):
 
   def _scanned_layers(self, x, positions, cache, deterministic):
     cfg = self.config
-    block_cls = nn.remat(_ScannedBlock, prevent_cse=False) if cfg.remat else _ScannedBlock
+    block_cls = _rematted(_ScannedBlock, cfg.remat, prevent_cse=False)
     scanned = nn.scan(
         block_cls,
         variable_axes={"params": 0},

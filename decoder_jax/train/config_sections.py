@@ -41,6 +41,8 @@ def train_section(**fields) -> ml_collections.ConfigDict:
       async_checkpoints=True,
       # dtype of the frozen parameters (LoRA's base), e.g. "bfloat16"; None: param_dtype.
       frozen_dtype=config_dict.placeholder(str),
+      # Tokens per chunk of the chunked LM loss (None: plain loss over full logits).
+      loss_chunk_size=config_dict.placeholder(int),
   )
   values.update(fields)
   return ml_collections.ConfigDict(values)

@@ -202,10 +202,11 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
   batch_sharding = sharding.batch_sharding(mesh)
   dropout = model_config.dropout > 0 or (lora and model_config.lora.dropout > 0)
   train_step = jax.jit(
-      steps.make_train_step(model, train_cfg.grad_accum_steps, dropout=dropout),
+      steps.make_train_step(model, train_cfg.grad_accum_steps, dropout=dropout,
+                            loss_chunk_size=train_cfg.get("loss_chunk_size")),
       in_shardings=(state_shardings, frozen_shardings, batch_sharding, None),
       out_shardings=(state_shardings, None), donate_argnums=0)
-  eval_loss_sums = steps.make_eval_step(model)
+  eval_loss_sums = steps.make_eval_step(model, train_cfg.get("loss_chunk_size"))
   eval_step = jax.jit(lambda params, frozen, batch: eval_loss_sums(combine(params, frozen), batch),
                       in_shardings=(state_shardings.params, frozen_shardings, batch_sharding))
   task_evaluator = TaskEvaluator(config, workdir, run, is_writer)

@@ -20,13 +20,55 @@ import optax
 from decoder_jax.peft import combine
 
 
-def token_losses(model, params, batch, rng=None, deterministic=True):
-  """Per-token cross-entropy in float32: [batch, length]."""
+def token_losses(model, params, batch, rng=None, deterministic=True, chunk_size=None):
+  """Per-token cross-entropy in float32: [batch, length].
+
+  With `chunk_size`, the output projection and the cross-entropy run over chunks of
+  `chunk_size` tokens under jax.checkpoint, so neither pass holds more than
+  [chunk_size, vocab] logits (the backward pass recomputes each chunk's).
+  """
   rngs = None if deterministic else {"dropout": rng}
-  logits, _ = model.apply({"params": params}, batch["inputs"], deterministic=deterministic,
-                          rngs=rngs)  # [batch, length, vocab]
-  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
-                                                         batch["targets"])
+  if not chunk_size:
+    logits, _ = model.apply({"params": params}, batch["inputs"], deterministic=deterministic,
+                            rngs=rngs)  # [batch, length, vocab]
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
+                                                           batch["targets"])
+  hidden, _ = model.apply({"params": params}, batch["inputs"], deterministic=deterministic,
+                          rngs=rngs, return_hidden=True)  # [batch, length, embed]
+  return chunked_token_losses(hidden, output_matrix(model.config, params), batch["targets"],
+                              chunk_size, jnp.dtype(model.config.dtype))
+
+
+def output_matrix(config, params):
+  """The LM head as [embed, vocab]: the tied embedding table's transpose or lm_head."""
+  lora = config.lora
+  if not config.tie_embeddings and lora is not None and lora.is_target(("lm_head",)):
+    raise ValueError("train.loss_chunk_size does not support LoRA on lm_head; merge or "
+                     "untarget it")
+  if config.tie_embeddings:
+    return params["embed"]["embedding"].T
+  return params["lm_head"]["kernel"]
+
+
+def chunked_token_losses(hidden, matrix, targets, chunk_size: int, dtype):
+  """hidden [batch, length, embed] @ matrix [embed, vocab] -> cross-entropy [batch, length],
+  chunk by chunk over the flattened tokens."""
+  batch, length, width = hidden.shape
+  tokens = batch * length
+  chunks = -(-tokens // chunk_size)
+  pad = chunks * chunk_size - tokens
+  flat_hidden = jnp.pad(hidden.reshape(tokens, width), ((0, pad), (0, 0)))
+  flat_targets = jnp.pad(targets.reshape(tokens), (0, pad))
+
+  @jax.checkpoint
+  def one_chunk(args):
+    h, t = args  # [chunk, embed], [chunk]
+    logits = (h.astype(dtype) @ matrix.astype(dtype)).astype(jnp.float32)  # [chunk, vocab]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, t)
+
+  losses = jax.lax.map(one_chunk, (flat_hidden.reshape(chunks, chunk_size, width),
+                                   flat_targets.reshape(chunks, chunk_size)))
+  return losses.reshape(-1)[:tokens].reshape(batch, length)
 
 
 def class_logits(model, params, batch, rng=None, deterministic=True):
@@ -37,21 +79,26 @@ def class_logits(model, params, batch, rng=None, deterministic=True):
   return logits
 
 
-def loss_sums(model, params, batch, rng=None, deterministic=True):
+def loss_sums(model, params, batch, rng=None, deterministic=True, chunk_size=None):
   """(sum of weighted losses, sum of weights) of a batch, whatever its objective."""
   if "last_index" in batch:
     losses = optax.softmax_cross_entropy_with_integer_labels(
         class_logits(model, params, batch, rng, deterministic), batch["labels"])  # [batch]
   else:
-    losses = token_losses(model, params, batch, rng, deterministic)  # [batch, length]
+    losses = token_losses(model, params, batch, rng, deterministic,
+                          chunk_size)  # [batch, length]
   weights = batch.get("weights")
   if weights is None:
     weights = jnp.ones_like(losses)
   return (losses * weights).sum(), weights.sum()
 
 
-def make_train_step(model, grad_accum_steps: int, dropout: bool):
+def make_train_step(model, grad_accum_steps: int, dropout: bool,
+                    loss_chunk_size: int | None = None):
   """state, frozen, batch, rng -> (state, metrics).
+
+  `loss_chunk_size`: compute the LM loss in chunks of that many tokens (see
+  token_losses) instead of materialising [batch, length, vocab] logits.
 
   The loss is the weighted mean over the whole batch. With gradient accumulation the
   batch is split into `grad_accum_steps` micro-batches under a lax.scan (memory holds one
@@ -61,7 +108,7 @@ def make_train_step(model, grad_accum_steps: int, dropout: bool):
 
   def loss_sum_fn(trainable, frozen, micro_batch, rng):
     total, weight = loss_sums(model, combine(trainable, frozen), micro_batch, rng,
-                              deterministic=not dropout)
+                              deterministic=not dropout, chunk_size=loss_chunk_size)
     return total, weight
 
   def train_step(state, frozen, batch, rng):
@@ -94,11 +141,11 @@ def make_train_step(model, grad_accum_steps: int, dropout: bool):
   return train_step
 
 
-def make_eval_step(model):
+def make_eval_step(model, loss_chunk_size: int | None = None):
   """params, batch -> (sum of weighted losses, sum of weights). Batches without weights
   weigh every token 1."""
 
   def eval_step(params, batch):
-    return loss_sums(model, params, batch)
+    return loss_sums(model, params, batch, chunk_size=loss_chunk_size)
 
   return eval_step
