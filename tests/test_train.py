@@ -272,3 +272,11 @@ def test_init_from_a_missing_source_is_a_clear_error(data_dir, tmp_path):
   config.init_from = str(tmp_path / "nowhere")
   with pytest.raises(FileNotFoundError, match="nowhere"):
     loop.train_and_evaluate(config, str(tmp_path / "w"))
+
+
+def test_profile_steps_writes_a_trace(data_dir, tmp_path):
+  config = tiny_config(data_dir, tmp_path, num_steps=6, profile_steps=2)
+  loop.train_and_evaluate(config, str(tmp_path / "w"))
+  traces = [os.path.join(root, f) for root, _, files in os.walk(tmp_path / "w" / "profile")
+            for f in files if f.endswith((".xplane.pb", ".trace.json.gz"))]
+  assert traces, os.listdir(tmp_path / "w")

@@ -43,6 +43,8 @@ def train_section(**fields) -> ml_collections.ConfigDict:
       frozen_dtype=config_dict.placeholder(str),
       # Tokens per chunk of the chunked LM loss (None: plain loss over full logits).
       loss_chunk_size=config_dict.placeholder(int),
+      # Trace this many steps (from the third of the run) into WORKDIR/profile.
+      profile_steps=config_dict.placeholder(int),
   )
   values.update(fields)
   return ml_collections.ConfigDict(values)

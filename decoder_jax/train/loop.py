@@ -86,6 +86,38 @@ def evaluate(eval_step, params, frozen, datasets, batch_sharding) -> float:
   return total / max(weight, 1.0)
 
 
+class _Profiler:
+  """train.profile_steps=N: a jax.profiler trace of N steps, starting 2 steps after this
+  run's first (compilation and warm-up stay out of it), written to WORKDIR/profile for
+  TensorBoard's profile plugin or Perfetto (ui.perfetto.dev opens the .trace.json.gz)."""
+
+  def __init__(self, workdir, first_step, num_steps, enabled):
+    self.directory = os.path.join(os.path.abspath(workdir), "profile")
+    self.start_after = first_step + 2  # trace the steps after this one
+    self.stop_after = self.start_after + (num_steps or 0)
+    self.enabled = bool(num_steps) and enabled
+    self.active = False
+
+  def after_step(self, step, metrics):
+    if not self.enabled:
+      return
+    if step == self.start_after:
+      jax.block_until_ready(metrics)  # the trace starts with the device idle
+      jax.profiler.start_trace(self.directory)
+      self.active = True
+    elif step == self.stop_after and self.active:
+      jax.block_until_ready(metrics)  # the traced steps' device work is in the trace
+      self.stop()
+      logging.info("profile of steps %d-%d written to %s (tensorboard --logdir %s, or "
+                   "ui.perfetto.dev)", self.start_after + 1, self.stop_after,
+                   self.directory, self.directory)
+
+  def stop(self):
+    if self.active:
+      jax.profiler.stop_trace()
+      self.active = False
+
+
 class TaskEvaluator:
   """Task metrics at each evaluation (eval/bleu, eval/accuracy, ...) and the best
   checkpoint by config.eval.metric: the trainable params in workdir/best (orbax), with
@@ -219,6 +251,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
   pending = []  # device metrics since the last log, fetched together to avoid syncs
   last = {}
   start = time.perf_counter()
+  profiler = _Profiler(workdir, step, train_cfg.get("profile_steps"), is_writer)
   try:
     with (_StopRequest() as stop, jax.set_mesh(mesh),
           nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES)):
@@ -226,6 +259,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
         batch = _global_batch(next(datasets.train_iter), batch_sharding)
         state, metrics = train_step(state, frozen, batch, dropout_rng)
         step += 1
+        profiler.after_step(step, metrics)
         pending.append(metrics)
         is_last = step == num_steps
         if step % train_cfg.log_every == 0 or is_last:
@@ -248,6 +282,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
         if force or manager.should_save(step):
           checkpoint.save(manager, step, state, datasets.train_iter.get_state(), force=force)
   finally:  # an exception still lets an in-flight checkpoint finish writing
+    profiler.stop()
     manager.wait_until_finished()
     manager.close()
     writer.close()
