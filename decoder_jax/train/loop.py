@@ -248,10 +248,24 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
   num_steps = train_cfg.num_steps
   stop_at = train_cfg.get("stop_at_step") or num_steps
   progress = Progress(num_steps, train_cfg.batch_size * run.seq_len, step)
-  pending = []  # device metrics since the last log, fetched together to avoid syncs
+  pending = []  # device metrics since the last log, fetched together
+  # A log step's metrics are fetched after the next step is dispatched, so the host never
+  # waits for the device with nothing queued (no bubble at log steps).
+  unlogged = None  # (step, [metrics]) awaiting its fetch
   last = {}
   start = time.perf_counter()
   profiler = _Profiler(workdir, step, train_cfg.get("profile_steps"), is_writer)
+
+  def write_train_metrics(logged_step, device_metrics):
+    fetched = jax.device_get(device_metrics)
+    last.update({"train/loss": float(np.mean([m["loss"] for m in fetched])),
+                 "train/grad_norm": float(fetched[-1]["grad_norm"]),
+                 "train/learning_rate": float(
+                     optimizer.learning_rate_schedule(train_cfg)(logged_step - 1)),
+                 **progress.rates(logged_step)})
+    writer.write(logged_step, {k: v for k, v in last.items() if k.startswith("train/")})
+    progress.log(logged_step, {k: v for k, v in last.items() if k.startswith("train/")})
+
   try:
     with (_StopRequest() as stop, jax.set_mesh(mesh),
           nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES)):
@@ -260,25 +274,25 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
         state, metrics = train_step(state, frozen, batch, dropout_rng)
         step += 1
         profiler.after_step(step, metrics)
+        if unlogged is not None:
+          write_train_metrics(*unlogged)
+          unlogged = None
         pending.append(metrics)
         is_last = step == num_steps
         if step % train_cfg.log_every == 0 or is_last:
-          fetched = jax.device_get(pending)
-          pending = []
-          last = {"train/loss": float(np.mean([m["loss"] for m in fetched])),
-                  "train/grad_norm": float(fetched[-1]["grad_norm"]),
-                  "train/learning_rate": float(optimizer.learning_rate_schedule(train_cfg)(step - 1)),
-                  **progress.rates(step)}
-          writer.write(step, last)
-          progress.log(step, last)
-        if step % train_cfg.eval_every == 0 or is_last:
+          unlogged, pending = (step, pending), []
+        is_eval = step % train_cfg.eval_every == 0 or is_last
+        force = is_last or step == stop_at or stop.signal_name is not None
+        if unlogged is not None and (is_eval or force or manager.should_save(step)):
+          write_train_metrics(*unlogged)  # the host waits here anyway
+          unlogged = None
+        if is_eval:
           evaluated = task_evaluator(step, state.params, frozen, lambda: evaluate(
               eval_step, state.params, frozen, datasets, batch_sharding))
           writer.write(step, evaluated)
           logging.info("step %d  %s", step,
                        "  ".join(f"{k}={v:.4f}" for k, v in evaluated.items()))
           last.update(evaluated)
-        force = is_last or step == stop_at or stop.signal_name is not None
         if force or manager.should_save(step):
           checkpoint.save(manager, step, state, datasets.train_iter.get_state(), force=force)
   finally:  # an exception still lets an in-flight checkpoint finish writing
