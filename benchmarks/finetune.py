@@ -76,21 +76,21 @@ TARGETS = {"full": 1.3, "lora": 1.5}  # decoder_jax / peer tokens per second
 BF16_WARN = 0.05
 
 
-def _version(dist: str) -> str:
+def version(dist: str) -> str:
   try:
     return importlib.metadata.version(dist)
   except importlib.metadata.PackageNotFoundError:
     return "not installed"
 
 
-def _cores() -> int:
+def cores() -> int:
   try:
     return len(os.sched_getaffinity(0))
   except AttributeError:
     return os.cpu_count() or 1
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
   try:
     with open("/proc/cpuinfo") as f:
       for line in f:
@@ -133,7 +133,7 @@ class Contention:
     wall = time.perf_counter() - self.t0
     busy1, own1 = _busy_jiffies_seconds(), _own_cpu()
     if self.busy0 is not None and busy1 is not None and wall > 0:
-      self.others = max(0.0, (busy1 - self.busy0) - (own1 - self.own0)) / (wall * _cores())
+      self.others = max(0.0, (busy1 - self.busy0) - (own1 - self.own0)) / (wall * cores())
     return False
 
 
@@ -180,7 +180,7 @@ class HostPeak:
             else "growth of the process's lifetime peak RSS (VmHWM; clear_refs not writable)")
 
 
-def _fmt_bytes(n) -> str:
+def fmt_bytes(n) -> str:
   if n is None:
     return "-"
   if n >= 2**30:
@@ -211,12 +211,12 @@ def model_config(args, *, lora: bool, dtype: str, param_dtype: str, attention_im
   return preset(PRESET, **overrides)
 
 
-def _flat(tree):
+def flat(tree):
   from flax import traverse_util
   return traverse_util.flatten_dict(tree)
 
 
-def _cast(x, dtype):
+def cast(x, dtype):
   import jax.numpy as jnp
   return np.asarray(x).astype(jnp.dtype(dtype))  # numpy / ml_dtypes: round to nearest even
 
@@ -242,15 +242,15 @@ class Shared:
       init = jax.jit(lambda k: nn.unbox(Decoder(base_config).init(
           k, jnp.zeros((1, 8), jnp.int32))["params"]))
       params = jax.device_get(init(jax.random.key(args.seed)))
-      self.base = {p: np.asarray(v) for p, v in _flat(params).items()}  # float32, host
+      self.base = {p: np.asarray(v) for p, v in flat(params).items()}  # float32, host
       del params
       self.adapters = {}
       if want_lora:
         lora_config = model_config(args, lora=True, dtype="float32", param_dtype="float32")
         self.lora_targets = peft.check_targets(lora_config)
-        full = peft.init_lora_params(lora_config, _unflat(self.base),
+        full = peft.init_lora_params(lora_config, unflat(self.base),
                                      jax.random.key(args.seed + 1))
-        self.adapters = {p: np.asarray(jax.device_get(v)) for p, v in _flat(full).items()
+        self.adapters = {p: np.asarray(jax.device_get(v)) for p, v in flat(full).items()
                          if peft.is_lora_param(p)}
         del full
     self.n_base = sum(v.size for v in self.base.values())
@@ -300,7 +300,7 @@ class Shared:
     return out
 
 
-def _unflat(flat):
+def unflat(flat):
   from flax import traverse_util
   return traverse_util.unflatten_dict(flat)
 
@@ -321,7 +321,7 @@ def make_tx(args):
   return optax.adamw(args.lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=args.weight_decay)
 
 
-def _jax_memory(device):
+def jax_memory(device):
   try:
     stats = device.memory_stats()
   except Exception:  # pylint: disable=broad-except
@@ -341,7 +341,7 @@ def run_jax(kind, args, shared, env):
   lora = kind == "lora"
   param_dtype = args.adapter_dtype if lora else dtype
   rec = {"side": f"jax_{kind}", "attention_impl": env["jax_attention"]}
-  mem0 = _jax_memory(device)
+  mem0 = jax_memory(device)
 
   def prepare(attention_impl):
     """Params and state on the device, then trace (timed) and XLA-compile (timed)."""
@@ -350,11 +350,11 @@ def run_jax(kind, args, shared, env):
     if lora:  # the adapters trainable in adapter_dtype, the base frozen in compute dtype
       full = dict(shared.base)
       full.update(shared.adapters)
-      trainable, frozen = peft.split(_unflat(full), peft.is_lora_param)
-      trainable = jax.tree.map(lambda x: _cast(x, param_dtype), trainable)
-      frozen = jax.tree.map(lambda x: _cast(x, dtype), frozen)
+      trainable, frozen = peft.split(unflat(full), peft.is_lora_param)
+      trainable = jax.tree.map(lambda x: cast(x, param_dtype), trainable)
+      frozen = jax.tree.map(lambda x: cast(x, dtype), frozen)
     else:
-      trainable = jax.tree.map(lambda x: _cast(x, param_dtype), _unflat(dict(shared.base)))
+      trainable = jax.tree.map(lambda x: cast(x, param_dtype), unflat(dict(shared.base)))
       frozen = {}
     trainable, frozen = jax.device_put(trainable), jax.device_put(frozen)
     tx = make_tx(args)
@@ -421,10 +421,10 @@ def run_jax(kind, args, shared, env):
       losses.append(metrics["loss"])
     busy_timed.__exit__(None, None, None)
     losses = [float(x) for x in losses]
-    mem1 = _jax_memory(device)
+    mem1 = jax_memory(device)
     del state, frozen, compiled, batches
     gc.collect()
-  rec.update(_timing(times, losses, args))
+  rec.update(timing(times, losses, args))
   rec["others_busy"] = busy_timed.others
   if env["gpu"]:
     peak0, peak1 = mem0.get("peak_bytes_in_use"), mem1.get("peak_bytes_in_use")
@@ -436,7 +436,7 @@ def run_jax(kind, args, shared, env):
   return rec
 
 
-def _timing(times, losses, args):
+def timing(times, losses, args):
   timed = times[args.warmup:]
   med = statistics.median(timed)
   return {"first_step_s": times[0], "step_s": timed, "warmup_step_s": times[:args.warmup],
@@ -500,7 +500,7 @@ def copy_adapters_into_peft(model, adapters, dtype, device):
     raise RuntimeError(f"copied {done} PEFT adapter tensors, expected {2 * len(adapters)}")
 
 
-def _enable_checkpointing(model):
+def enable_checkpointing(model):
   kwargs = {"use_reentrant": False}  # works with a frozen base (PEFT) without input grads
   if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
     model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
@@ -535,7 +535,7 @@ def run_hf(kind, args, shared, env, hf_cfg, hf_state):
     load_into_hf(model, hf_state)
     rec["attn_implementation"] = getattr(model.config, "_attn_implementation", None)
     if args.remat == "full":
-      _enable_checkpointing(model)
+      enable_checkpointing(model)
     if lora:
       from peft import LoraConfig, get_peft_model
       peft_config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=0.0,
@@ -600,7 +600,7 @@ def run_hf(kind, args, shared, env, hf_cfg, hf_state):
     losses = [float(x) for x in losses]
     del model, forward, opt, params, batches, loss
     gc.collect()
-  rec.update(_timing(times, losses, args))
+  rec.update(timing(times, losses, args))
   rec["others_busy"] = busy_timed.others
   if cuda:
     rec.update(peak_bytes=torch.cuda.max_memory_allocated(device),
@@ -762,7 +762,7 @@ def main(argv=None):
           f"{'has' if torch_cuda else 'has no'} CUDA: the HF rows would run on another "
           "device than decoder_jax. Install a matching torch build (or jax), or pass "
           "--sides jax / --sides hf.")
-    torch.set_num_threads(args.threads or _cores())
+    torch.set_num_threads(args.threads or cores())
   if args.torch_compile is None:
     args.torch_compile = gpu
   dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if gpu else "float32")
@@ -770,15 +770,15 @@ def main(argv=None):
   if jax_attention == "auto":
     jax_attention = "cudnn" if gpu and dtype == "bfloat16" else "xla"
 
-  cores = _cores()
+  num_cores = cores()
   device = jax.devices()[0]
   env = {
       "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
       "python": platform.python_version(), "platform": platform.platform(),
-      "cpu": _cpu_name(), "cores": cores, "jax": _version("jax"), "jaxlib": _version("jaxlib"),
-      "flax": _version("flax"), "optax": _version("optax"),
-      "torch": torch.__version__ if torch else _version("torch"),
-      "transformers": _version("transformers"), "peft": _version("peft"),
+      "cpu": cpu_name(), "cores": num_cores, "jax": version("jax"), "jaxlib": version("jaxlib"),
+      "flax": version("flax"), "optax": version("optax"),
+      "torch": torch.__version__ if torch else version("torch"),
+      "transformers": version("transformers"), "peft": version("peft"),
       "jax_backend": backend, "jax_device": getattr(device, "device_kind", str(device)),
       "torch_device": ("cuda" if gpu else "cpu") if need_hf else None,
       "gpu": gpu, "dtype": dtype, "adapter_dtype": args.adapter_dtype,
@@ -787,8 +787,8 @@ def main(argv=None):
       "command": "python " + shlex.join(sys.argv),
   }
   for plugin in ("jax-cuda12-plugin", "jax-cuda13-plugin"):
-    if _version(plugin) != "not installed":
-      env[plugin] = _version(plugin)
+    if version(plugin) != "not installed":
+      env[plugin] = version(plugin)
   if need_hf:
     env["torch_threads"] = torch.get_num_threads()
     if gpu:
@@ -823,7 +823,7 @@ def main(argv=None):
     print(f"  first step {rec['first_step_s']:.2f} s; timed steps "
           f"{', '.join(f'{t * 1e3:.1f}' for t in rec['step_s'])} ms; median "
           f"{rec['ms_per_step']:.1f} ms = {rec['tok_per_s']:,.0f} tok/s; peak memory "
-          f"{_fmt_bytes(rec['peak_bytes'])} ({rec['memory_how']}); losses "
+          f"{fmt_bytes(rec['peak_bytes'])} ({rec['memory_how']}); losses "
           f"{', '.join(f'{x:.4f}' for x in rec['losses'])}", flush=True)
     results.append(rec)
     try:
@@ -868,7 +868,7 @@ def summary_lines(by, env, args):
                    f"({j['tok_per_s']:,.0f} vs {h['tok_per_s']:,.0f}; target >= "
                    f"{TARGETS[kind]}x on an H200: "
                    f"{_verdict(ratio >= TARGETS[kind], env)}); "
-                   f"peak memory {_fmt_bytes(j['peak_bytes'])} vs {_fmt_bytes(h['peak_bytes'])}")
+                   f"peak memory {fmt_bytes(j['peak_bytes'])} vs {fmt_bytes(h['peak_bytes'])}")
   for fw, name in (("jax", "decoder_jax"), ("hf", "HF")):
     f, l = by.get(f"{fw}_full"), by.get(f"{fw}_lora")
     if f and l:
@@ -923,7 +923,7 @@ def _table_lines(results, args, env):
       continue
     compile_cell = (f"{r['trace_s']:.1f} + {r['compile_s']:.1f}" if "compile_s" in r else
                     ("(in first step)" if r.get("torch_compile") else "-"))
-    peak = _fmt_bytes(r["peak_bytes"])
+    peak = fmt_bytes(r["peak_bytes"])
     if r.get("peak_is_upper_bound"):
       peak = "<= " + peak
     busy = "?" if r.get("others_busy") is None else f"{r['others_busy']:.0%}"
