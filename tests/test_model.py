@@ -96,3 +96,13 @@ def test_bad_config_is_a_clear_error(fields, message):
 def test_unknown_field_is_rejected():
   with pytest.raises(ValueError, match="unknown model config field"):
     ModelConfig.from_dict({"widht": 32})
+
+
+def test_auto_attention_uses_cudnn_only_where_it_applies():
+  from decoder_jax.model.attention import resolve_implementation
+  assert resolve_implementation("auto", "bfloat16", 64, backend="gpu") == "cudnn"
+  assert resolve_implementation("auto", "float32", 64, backend="gpu") == "xla"  # fp32: no cuDNN
+  assert resolve_implementation("auto", "bfloat16", 256, backend="gpu") == "xla"  # head too big
+  assert resolve_implementation("auto", "bfloat16", 60, backend="gpu") == "xla"
+  assert resolve_implementation("auto", "bfloat16", 64, backend="cpu") == "xla"
+  assert resolve_implementation("cudnn", "float32", 64, backend="cpu") == "cudnn"  # explicit

@@ -28,9 +28,21 @@ def _write(cache_kv, new_kv, start):
   return jax.vmap(one_row)(cache_kv, new_kv, start)
 
 
-def resolve_implementation(name: str) -> str | None:
+def cudnn_supports(dtype, head_dim: int) -> bool:
+  """Whether to hand these inputs to cuDNN's fused (flash) attention: half-precision
+  operands and a head_dim that is a multiple of 8, at most 128 (conservative: larger
+  heads need newer cuDNN versions). Anything else falls back to XLA."""
+  return jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128
+
+
+def resolve_implementation(name: str, dtype="bfloat16", head_dim: int = 64,
+                           backend: str | None = None) -> str | None:
+  """The jax.nn.dot_product_attention implementation for config.attention_impl: "auto" is
+  cuDNN on a GPU when cuDNN supports the inputs, else XLA."""
   if name == "auto":
-    return "cudnn" if jax.default_backend() == "gpu" else "xla"
+    backend = backend or jax.default_backend()
+    use_cudnn = backend == "gpu" and cudnn_supports(dtype, head_dim)
+    return "cudnn" if use_cudnn else "xla"
   return name
 
 
@@ -61,7 +73,7 @@ class SelfAttention(nn.Module):
     k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "kv"))
     v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "kv"))
 
-    implementation = resolve_implementation(cfg.attention_impl)
+    implementation = resolve_implementation(cfg.attention_impl, q.dtype, cfg.head_dim)
     if cache is None:
       out = jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                          implementation=implementation)
