@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.metadata
 import json
 import os
 import platform
@@ -51,22 +50,12 @@ import time
 
 import numpy as np
 
+from machine import cores, version  # benchmarks/machine.py
+
 # Same dims as decoder_jax's "smollm2-135m" preset; the HF config is built from these.
 PRESET = "smollm2-135m"
 
 
-def _version(dist: str) -> str:
-  try:
-    return importlib.metadata.version(dist)
-  except importlib.metadata.PackageNotFoundError:
-    return "not installed"
-
-
-def _cores() -> int:
-  try:
-    return len(os.sched_getaffinity(0))
-  except AttributeError:
-    return os.cpu_count() or 1
 
 
 def _busy_jiffies_seconds():
@@ -92,7 +81,7 @@ class Contention:
     busy1, own1 = _busy_jiffies_seconds(), _own_cpu()
     self.others = None
     if self.busy0 is not None and wall > 0:
-      self.others = max(0.0, (busy1 - self.busy0) - (own1 - self.own0)) / (wall * _cores())
+      self.others = max(0.0, (busy1 - self.busy0) - (own1 - self.own0)) / (wall * cores())
     return False
 
 
@@ -440,18 +429,18 @@ def main(argv=None):
   import torch
   from decoder_jax.model import Decoder, preset
 
-  cores = _cores()
+  num_cores = cores()
   backend = jax.default_backend()
   dtype = args.dtype if args.dtype != "auto" else ("float32" if backend == "cpu" else "bfloat16")
   torch_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-  torch.set_num_threads(args.threads or cores)
+  torch.set_num_threads(args.threads or num_cores)
   config = preset(PRESET, dtype=dtype, param_dtype=dtype)
 
   env = {
-      "python": platform.python_version(), "platform": platform.platform(),
-      "cpu": platform.processor() or platform.machine(), "cores": cores,
-      "jax": _version("jax"), "jaxlib": _version("jaxlib"), "flax": _version("flax"),
-      "torch": torch.__version__, "transformers": _version("transformers"),
+      "python": platform.pythonversion(), "platform": platform.platform(),
+      "cpu": platform.processor() or platform.machine(), "cores": num_cores,
+      "jax": version("jax"), "jaxlib": version("jaxlib"), "flax": version("flax"),
+      "torch": torch.__version__, "transformers": version("transformers"),
       "jax_devices": [str(d) for d in jax.devices()], "jax_backend": backend,
       "torch_device": str(torch_device), "torch_threads": torch.get_num_threads(),
       "dtype": dtype, "loadavg_start": os.getloadavg(),

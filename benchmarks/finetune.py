@@ -47,7 +47,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import importlib.metadata
 import json
 import os
 import platform
@@ -62,6 +61,8 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import numpy as np
 
+from machine import cores, cpu_name, version  # benchmarks/machine.py
+
 PRESET = "smollm2-135m"
 SIDES = ("jax_full", "jax_lora", "hf_full", "hf_lora")  # table order
 LABELS = {"jax_full": "decoder_jax full", "jax_lora": "decoder_jax LoRA",
@@ -74,31 +75,6 @@ PEFT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 PEER_H200 = {"full": 302e3, "lora": 235e3}  # HF + PEFT, bf16, torch.compile (the issue)
 TARGETS = {"full": 1.3, "lora": 1.5}  # decoder_jax / peer tokens per second
 BF16_WARN = 0.05
-
-
-def version(dist: str) -> str:
-  try:
-    return importlib.metadata.version(dist)
-  except importlib.metadata.PackageNotFoundError:
-    return "not installed"
-
-
-def cores() -> int:
-  try:
-    return len(os.sched_getaffinity(0))
-  except AttributeError:
-    return os.cpu_count() or 1
-
-
-def cpu_name() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
 
 
 # ---------------------------------------------------------------------------------------

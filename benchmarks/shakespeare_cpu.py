@@ -27,7 +27,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import os
 import pathlib
@@ -39,6 +38,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from machine import cores, version  # benchmarks/machine.py
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TORCH_SCRIPT = REPO / "benchmarks" / "torch_reference_shakespeare.py"
@@ -55,18 +56,6 @@ TARGET_RATIO = 0.67  # decoder_jax wall time <= 0.67x PyTorch's ...
 DEFAULT_LOSS_TOLERANCE = 0.0  # strict: "equal or better"; raise it to allow eval noise
 
 
-def _version(dist: str) -> str:
-  try:
-    return importlib.metadata.version(dist)
-  except importlib.metadata.PackageNotFoundError:
-    return "not installed"
-
-
-def _cores() -> int:
-  try:
-    return len(os.sched_getaffinity(0))
-  except AttributeError:
-    return os.cpu_count() or 1
 
 
 def _tail(path: pathlib.Path, n: int = 30) -> str:
@@ -122,7 +111,7 @@ def run_jax(args, env, prefix, log_dir, tag):
     cmd.append(f"{JAX_STEPS_OVERRIDE}={args.steps}")
   cmd += args.jax_extra
   log = log_dir / f"jax_{tag}.log"
-  wall, rc, others = _run(cmd, env, log, _cores())
+  wall, rc, others = _run(cmd, env, log, cores())
   result = {"side": "decoder_jax", "wall": wall, "rc": rc, "others": others,
             "log": str(log), "cmd": cmd, "workdir": str(workdir)}
   metrics = workdir / "metrics.jsonl"
@@ -152,7 +141,7 @@ def run_torch(args, env, prefix, log_dir, tag, threads):
     cmd.append(f"--steps={args.steps}")
   cmd += args.torch_arg
   log = log_dir / f"torch_{tag}.log"
-  wall, rc, others = _run(cmd, env, log, _cores())
+  wall, rc, others = _run(cmd, env, log, cores())
   result = {"side": "pytorch", "wall": wall, "rc": rc, "others": others,
             "log": str(log), "cmd": cmd}
   lines = log.read_text(errors="replace").splitlines()
@@ -219,10 +208,10 @@ def main(argv=None):
   if data_dir:
     env["DECODER_JAX_DATA"] = os.path.abspath(data_dir)
 
-  cores = _cores()
-  threads = args.threads or cores
+  num_cores = cores()
+  threads = args.threads or num_cores
   prefix = []
-  if threads < cores:
+  if threads < num_cores:
     if not shutil.which("taskset"):
       p.error("--threads below the core count needs taskset")
     prefix = ["taskset", "-c", f"0-{threads - 1}"]
@@ -270,12 +259,12 @@ def main(argv=None):
   print()
   print("## shakespeare-char CPU recipe: decoder_jax vs PyTorch eager")
   print()
-  print(f"- machine: {cores} CPU cores usable ({os.cpu_count()} in the OS), "
+  print(f"- machine: {num_cores} CPU cores usable ({os.cpu_count()} in the OS), "
         f"{platform.processor() or platform.machine()}; threads per side: "
         f"{threads}{' (taskset)' if prefix else ''}")
-  print(f"- python {platform.python_version()}, torch {_version('torch')}, "
-        f"jax {_version('jax')}, jaxlib {_version('jaxlib')}, "
-        f"flax {_version('flax')}, optax {_version('optax')}")
+  print(f"- python {platform.pythonversion()}, torch {version('torch')}, "
+        f"jax {version('jax')}, jaxlib {version('jaxlib')}, "
+        f"flax {version('flax')}, optax {version('optax')}")
   print(f"- DECODER_JAX_DATA={env.get('DECODER_JAX_DATA', '(unset)')}; "
         f"XLA_FLAGS={env.get('XLA_FLAGS', '(unset)')}")
   print(f"- load average (1 min) before / after: {load_before[0]:.2f} / "
@@ -318,7 +307,7 @@ def main(argv=None):
       json.dump({"jax": results["jax"], "torch": results["torch"],
                  "summary": {"jax": s_jax, "torch": s_torch,
                              "verdict": verdict},
-                 "cores": cores, "threads": threads}, f, indent=1)
+                 "cores": num_cores, "threads": threads}, f, indent=1)
   failed = any("error" in x for side in sides for x in results[side])
   return 1 if failed else 0
 
