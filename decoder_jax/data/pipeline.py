@@ -139,15 +139,21 @@ def make_datasets(
   )
 
 
+def fill_defaults(section, defaults: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`defaults` with every field `section` sets copied over (an explicit None is kept;
+  lists, as JSON gives them back, become tuples); fields `section` lacks keep their
+  defaults, and fields only `section` has are ignored."""
+  missing = object()
+  for key in defaults:
+    value = getattr(section, key, missing)
+    if value is not missing:
+      defaults[key] = tuple(value) if isinstance(value, list) else value
+  return defaults
+
+
 def _with_defaults(data_config) -> ml_collections.ConfigDict:
   """Copies the fields this module reads; ones `data_config` lacks take their defaults."""
-  config = default_data_config()
-  missing = object()
-  for key in config:
-    value = getattr(data_config, key, missing)
-    if value is not missing:
-      config[key] = value  # An explicit None (e.g. local_dir) is kept.
-  return config
+  return fill_defaults(data_config, default_data_config())
 
 
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:

@@ -44,7 +44,8 @@ from absl import logging
 from ml_collections import config_dict
 
 from decoder_jax.data import task_sources
-from decoder_jax.data.pipeline import _READ_OPTIONS, _check_choice, _process_rows
+from decoder_jax.data.pipeline import (_READ_OPTIONS, _check_choice, _process_rows,
+                                       fill_defaults)
 
 KINDS = ("sft", "translation", "classification")
 MODES = ("label_words", "head")
@@ -597,13 +598,7 @@ class TaskDatasets:
 
 def with_defaults(task_config) -> ml_collections.ConfigDict:
   """Copies the fields this module reads; ones `task_config` lacks take their defaults."""
-  config = default_task_config()
-  missing = object()
-  for key in config:
-    value = getattr(task_config, key, missing)
-    if value is not missing:
-      config[key] = tuple(value) if isinstance(value, list) else value
-  return config
+  return fill_defaults(task_config, default_task_config())
 
 
 def _split_names(config) -> list[str] | None:
