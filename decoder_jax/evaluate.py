@@ -8,6 +8,7 @@
       --tsv_file=../shared/data/sst2/dev.tsv
   python -m decoder_jax.evaluate --config=configs/smollm2_sst2.py:lora --zero_shot
 
+The work is done by decoder_jax.evaluation.finetuned (importable without these flags).
 Prints one JSON object: the metric ("bleu", or "accuracy" and "macro_f1"), the number of
 examples, where they came from, the decoding settings and which weights were scored.
 The prompt format is the config's, so zero-shot and fine-tuned numbers are comparable.
@@ -16,9 +17,6 @@ The prompt format is the config's, so zero-shot and fine-tuned numbers are compa
 from __future__ import annotations
 
 import json
-import os
-import pathlib
-import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -42,193 +40,24 @@ _MAX_EXAMPLES = flags.DEFINE_integer("max_examples", None, "score only the first
 _OUTPUT = flags.DEFINE_string("output", None, "also write the generations (JSONL) here")
 
 
-def _eval_set(datasets, task_config, split, source_file, reference_file, tsv_file,
-              eval_batch_size, max_examples):
-  """(EvalSet, description of where the examples came from)."""
-  from decoder_jax.data import task_sources, tasks
-
-  task = datasets.task
-  if source_file or reference_file:
-    if not (source_file and reference_file):
-      raise app.UsageError("--source_file and --reference_file go together")
-    if isinstance(task, tasks.ClassificationTask):
-      raise app.UsageError("--source_file/--reference_file are for translation configs")
-    raw, where = task_sources.read_parallel_pair(source_file, reference_file), source_file
-  elif tsv_file:
-    if not isinstance(task, tasks.ClassificationTask):
-      raise app.UsageError("--tsv_file is for classification configs")
-    config = tasks.with_defaults(task_config)
-    text_columns = config.text_field or ("content", "sentence")
-    raw = [{"text": text, "label": label} for text, label in task_sources.read_labelled_tsv(
-        pathlib.Path(tsv_file), config.label_field, text_columns, config.label_names)]
-    where = tsv_file
-  else:
-    split = split or datasets.eval_split
-    where = f"{task_config.source}:{split}"
-    if split in datasets.eval_sets and not max_examples:
-      return datasets.eval_sets[split], where
-    raw = tasks.load_examples(tasks.with_defaults(task_config), split, None)
-  raw = raw[:max_examples] if max_examples else raw
-  eval_set = tasks.make_eval_set(task, raw, where, split="eval", max_length=task_config.max_length,
-                                 eval_batch_size=eval_batch_size, rows=slice(0, eval_batch_size),
-                                 buckets=datasets.buckets, pad_id=datasets.pad_id)
-  return eval_set, where
-
-
-def load_finetuned(config, workdir: str | None, *, zero_shot: bool = False,
-                   weights: str = "best"):
-  """(run, params, what) for a task config: the base from config.init_from plus the
-  trainable half from `workdir` ("best" or "latest" checkpoint), or the pretrained model
-  alone with `zero_shot` (or when `workdir` holds no run). `params` is the full tree (LoRA
-  adapters unmerged); `what` says which weights these are."""
-  import jax
-
-  from decoder_jax import peft
-  from decoder_jax.train import loop, optimizer, setup, sharding
-
-  if config.get("task") is None:
-    raise app.UsageError("--config must be a task config (with a task section), e.g. "
-                         "configs/smollm2_sst2.py:lora")
-  has_run = bool(workdir) and os.path.exists(os.path.join(workdir, loop.MODEL_CONFIG_FILE))
-  zero_shot = zero_shot or not has_run
-  loop.split_host_cpu(config.mesh.get("num_cpu_devices"))
-  mesh = sharding.make_mesh(config.mesh)
-  if zero_shot:
-    config = config.copy_and_resolve_references()
-    with config.unlocked():
-      config.model.lora = None  # the pretrained model alone
-  run = setup.build_run(config, workdir, mesh, need_base=True, resuming=False)
-  if zero_shot and run.model.num_labels:
-    raise app.UsageError("zero-shot needs task.mode=label_words: a classification head is "
-                         "untrained before fine-tuning")
-  tx = optimizer.make_optimizer(config.train)
-  _, _, _, frozen_shardings = setup.abstract_state(run, tx, mesh, config)
-  trainable, frozen = setup.split_params(run, setup.initial_params(run, mesh, jax.random.key(0)),
-                                         frozen_shardings, config)
-  run.start = None
-  what = {"weights": "zero-shot (config.init_from)", "source": config.init_from}
-  if not zero_shot:
-    trainable, what = _restore_trainable(workdir, weights, run, tx, mesh, config, trainable)
-  return run, peft.combine(trainable, frozen), what
-
-
-def merged_model(run, params):
-  """An inference.TrainedModel of a loaded run with any LoRA adapters folded in, for
-  inference.generate_batch / complete or evaluation.generation.generate_texts."""
-  from decoder_jax import inference
-  from decoder_jax.evaluation import task_eval
-
-  config, params = task_eval.plain_model(run.model_config, params)
-  return inference.TrainedModel(config, params, run.tokenizer)
-
-
-def evaluate(config, workdir: str | None, *, zero_shot: bool = False, weights: str = "best",
-             split=None, source_file=None, reference_file=None, tsv_file=None, num_beams=None,
-             max_new_tokens=None, max_examples=None, output=None, config_name=None) -> dict:
-  """The metrics of the run in `workdir` (or the pretrained model) on one evaluation set."""
-  from decoder_jax.data import tasks
-  from decoder_jax.evaluation import task_eval
-
-  run, params, scored = load_finetuned(config, workdir, zero_shot=zero_shot, weights=weights)
-  eval_config = (config.get("eval") or task_eval.default_eval_config()).copy_and_resolve_references()
-  with eval_config.unlocked():
-    if num_beams is not None:
-      eval_config.num_beams = num_beams
-    if max_new_tokens is not None:
-      eval_config.max_new_tokens = max_new_tokens
-    eval_config.max_generation_examples = None
-  eval_set, where = _eval_set(run.datasets, config.task, split, source_file, reference_file,
-                              tsv_file, config.data.eval_batch_size, max_examples)
-  start = time.perf_counter()
-  result = {"config": config_name, "examples_from": where, **scored}
-  task = run.datasets.task
-  if isinstance(task, tasks.ClassificationTask):
-    predictions, labels, loss = task_eval.classification_predictions(
-        run.model, params, task, (dict(b) for b in eval_set.batch_list))
-    from decoder_jax.evaluation import metrics
-
-    result.update(loss=loss, accuracy=metrics.accuracy(predictions, labels),
-                  macro_f1=metrics.macro_f1(predictions, labels, task.num_labels),
-                  examples=len(labels), mode=task.mode)
-  else:
-    result["loss"] = _mean_loss(run.model, params, eval_set.batch_list)
-    examples = eval_set.examples
-    bleu, hypotheses = task_eval.bleu_of(
-        run.model_config, params, run.tokenizer, examples,
-        max_new_tokens=eval_config.max_new_tokens, num_beams=eval_config.num_beams,
-        batch_size=eval_config.generation_batch_size, length_penalty=eval_config.length_penalty)
-    result.update(bleu=bleu, examples=len(examples), tokenizer="sacrebleu 13a (default)",
-                  decoding={"num_beams": eval_config.num_beams,
-                            "max_new_tokens": eval_config.max_new_tokens,
-                            "length_penalty": eval_config.length_penalty,
-                            "strategy": "beam" if eval_config.num_beams > 1 else "greedy"})
-    if output:
-      with open(output, "w") as f:
-        for example, hypothesis in zip(examples, hypotheses):
-          f.write(json.dumps({"source": example.get("source"), "hypothesis": hypothesis,
-                              "reference": example["reference"]}, ensure_ascii=False) + "\n")
-  result["seconds"] = round(time.perf_counter() - start, 1)
-  return result
-
-
-def _mean_loss(model, params, batches) -> float:
-  """Mean weighted loss (on the responses / labels) over the eval batches."""
-  import jax
-
-  from decoder_jax.train import steps
-
-  loss_sums = jax.jit(lambda p, b: steps.loss_sums(model, p, b))
-  total = weight = 0.0
-  for batch in batches:
-    t, w = loss_sums(params, dict(batch))
-    total, weight = total + float(t), weight + float(w)
-  return total / max(weight, 1.0)
-
-
-def _restore_trainable(workdir, weights, run, tx, mesh, config, like):
-  import orbax.checkpoint as ocp
-
-  from decoder_jax.train import checkpoint, setup
-
-  best_json = os.path.join(workdir, "best.json")
-  if weights == "best" and os.path.exists(best_json):
-    with open(best_json) as f:
-      best = json.load(f)
-    abstract = _abstract_like(like)
-    with ocp.StandardCheckpointer() as checkpointer:
-      restored = checkpointer.restore(os.path.join(os.path.abspath(workdir), "best"), abstract)
-    return restored, {"weights": f"best by {best['metric']} ({best['value']:.4f}) at step "
-                                 f"{best['step']}", "workdir": workdir}
-  abstract, *_ = setup.abstract_state(run, tx, mesh, config)
-  manager = checkpoint.make_manager(workdir, 1, 1, async_writes=False)
-  if manager.latest_step() is None:
-    raise FileNotFoundError(f"no checkpoint in {workdir} (use --zero_shot for the pretrained "
-                            "model)")
-  state, _ = checkpoint.restore(manager, abstract)
-  manager.close()
-  return state.params, {"weights": f"latest checkpoint, step {int(state.step)}",
-                        "workdir": workdir}
-
-
-def _abstract_like(tree):
-  import jax
-
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                      tree)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from decoder_jax.train.metrics import quiet_library_logs
 
   quiet_library_logs()
-  result = evaluate(_CONFIG.value, _WORKDIR.value, zero_shot=_ZERO_SHOT.value,
-                    weights=_WEIGHTS.value, split=_SPLIT.value, source_file=_SOURCE_FILE.value,
-                    reference_file=_REFERENCE_FILE.value, tsv_file=_TSV_FILE.value,
-                    num_beams=_NUM_BEAMS.value, max_new_tokens=_MAX_NEW_TOKENS.value,
-                    max_examples=_MAX_EXAMPLES.value, output=_OUTPUT.value,
-                    config_name=flags.FLAGS["config"].serialize().split("=", 1)[-1])
+  from decoder_jax.evaluation import finetuned
+
+  try:
+    result = finetuned.evaluate(
+        _CONFIG.value, _WORKDIR.value, zero_shot=_ZERO_SHOT.value, weights=_WEIGHTS.value,
+        split=_SPLIT.value, source_file=_SOURCE_FILE.value,
+        reference_file=_REFERENCE_FILE.value, tsv_file=_TSV_FILE.value,
+        num_beams=_NUM_BEAMS.value, max_new_tokens=_MAX_NEW_TOKENS.value,
+        max_examples=_MAX_EXAMPLES.value, output=_OUTPUT.value,
+        config_name=flags.FLAGS["config"].serialize().split("=", 1)[-1])
+  except ValueError as e:  # bad flag combinations and configs: say so, no traceback
+    raise app.UsageError(str(e)) from None
   logging.info("evaluated %d examples in %.1f s", result["examples"], result["seconds"])
   print(json.dumps(result))
 

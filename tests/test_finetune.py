@@ -69,7 +69,7 @@ def test_lora_run_checkpoints_only_adapters_and_restores(data_dir, tmp_path, tin
 
   # Restoring (the base from init_from + the adapters from the checkpoint) gives the same
   # outputs the run measured at its last step.
-  from decoder_jax import evaluate
+  from decoder_jax.evaluation import finetuned as evaluate
   scored = evaluate.evaluate(lora, str(tmp_path / "lora"), weights="latest")
   logged = loop_metrics(tmp_path / "lora")[4]
   assert scored["loss"] == pytest.approx(logged["eval/loss"], abs=1e-5)
