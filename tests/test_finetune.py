@@ -12,13 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
 from flax import traverse_util
 
 from conftest import REPO
 from decoder_jax import decoding, inference, peft
-from decoder_jax.data import tokenizers
 from decoder_jax.evaluation import generation, metrics
 from decoder_jax.model import Decoder, ModelConfig
 from decoder_jax.train import checkpoint, loop, state as state_lib, steps

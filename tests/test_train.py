@@ -253,7 +253,7 @@ def test_init_from_a_workdir_starts_from_its_weights(data_dir, tmp_path):
                        min_learning_rate=0.0)
   config.init_from = str(tmp_path / "a")
   config.model.update(num_layers=7, scan_layers=True)  # num_layers is the source's; scan is ours
-  result = loop.train_and_evaluate(config, str(tmp_path / "b"))
+  loop.train_and_evaluate(config, str(tmp_path / "b"))
   # A learning rate of 0 leaves the weights as loaded: the source's final validation loss.
   assert read_metrics(tmp_path / "b", "eval/loss")[1] == pytest.approx(source["eval/loss"],
                                                                         abs=1e-5)

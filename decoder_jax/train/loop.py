@@ -17,8 +17,8 @@ from decoder_jax.peft import combine
 from decoder_jax.train import state as state_lib
 from decoder_jax.train import checkpoint, optimizer, setup, sharding, steps
 from decoder_jax.train.metrics import MetricWriter, Progress
-# Re-exported: inference and pretrained read a workdir's model config through these.
-from decoder_jax.train.setup import MODEL_CONFIG_FILE, read_model_config, resolve_model_config
+# Re-exported: inference, pretrained and convert name a workdir's model config file by it.
+from decoder_jax.train.setup import MODEL_CONFIG_FILE
 
 def check_batch_layout(train_config, mesh) -> None:
   dp = sharding.data_parallel_size(mesh)
