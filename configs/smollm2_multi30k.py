@@ -9,7 +9,10 @@ Arg: `full` or `lora`, optionally `,cpu` (a recipe that finishes within about 30
 on 2 CPU cores: a slice of the training data, a shorter schedule, BLEU on part of val
 during training). The model is decoder-only: the English sentence goes in the prompt and
 the French one is the response (loss on the response only). Without task.source the
-tfds catalog's wmt14_translate/fr-en is used (online). Results: benchmarks/RESULTS.md.
+tfds catalog's wmt14_translate/fr-en is used (online).
+
+Measured (`lora,cpu`, 2 shared cores): BLEU 22.1 on test_2016_flickr, greedy (zero-shot
+with the same prompt: 0.3). Other rows: benchmarks/RESULTS.md.
 """
 
 import os
