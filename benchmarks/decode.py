@@ -50,35 +50,22 @@ import time
 
 import numpy as np
 
-from machine import cores, version  # benchmarks/machine.py
+from machine import busy_cpu_seconds, cores, version  # benchmarks/machine.py
 
 # Same dims as decoder_jax's "smollm2-135m" preset; the HF config is built from these.
 PRESET = "smollm2-135m"
-
-
-
-
-def _busy_jiffies_seconds():
-  """Busy CPU seconds of the whole machine (all cores), or None off Linux."""
-  try:
-    with open("/proc/stat") as f:
-      fields = [int(x) for x in f.readline().split()[1:]]
-  except OSError:
-    return None
-  idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-  return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 class Contention:
   """How busy *other* processes kept the cores while a block ran (share of all cores)."""
 
   def __enter__(self):
-    self.busy0, self.own0, self.t0 = _busy_jiffies_seconds(), _own_cpu(), time.perf_counter()
+    self.busy0, self.own0, self.t0 = busy_cpu_seconds(), _own_cpu(), time.perf_counter()
     return self
 
   def __exit__(self, *exc):
     wall = time.perf_counter() - self.t0
-    busy1, own1 = _busy_jiffies_seconds(), _own_cpu()
+    busy1, own1 = busy_cpu_seconds(), _own_cpu()
     self.others = None
     if self.busy0 is not None and wall > 0:
       self.others = max(0.0, (busy1 - self.busy0) - (own1 - self.own0)) / (wall * cores())

@@ -31,3 +31,14 @@ def cpu_name() -> str:
   except OSError:
     pass
   return platform.processor() or platform.machine()
+
+
+def busy_cpu_seconds():
+  """Busy CPU seconds of the whole machine (all cores), or None off Linux."""
+  try:
+    with open("/proc/stat") as f:
+      fields = [int(x) for x in f.readline().split()[1:]]
+  except OSError:
+    return None
+  idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+  return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
