@@ -50,6 +50,25 @@ def test_chunked_loss_equals_plain_loss_with_equal_gradients(name, chunk_size):
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_label_word_loss_scores_only_the_answer_position(name):
+  """A batch with answer_index (one weighted target per row) gives the loss and gradients
+  of the full per-token loss, from [batch, vocab] logits instead of [batch, length, vocab]."""
+  model, params, batch = setup(CONFIGS[name])
+  answer_index = np.array([4, 11, 7], np.int32)
+  weights = np.zeros_like(batch["weights"])
+  weights[np.arange(3), answer_index] = [1.0, 1.0, 0.0]  # the last row is padding
+  full = dict(batch, weights=weights)
+  scored = dict(full, answer_index=answer_index)
+  plain, plain_grads = jax.value_and_grad(lambda p: mean_loss(model, p, full))(params)
+  answer, answer_grads = jax.value_and_grad(lambda p: mean_loss(model, p, scored))(params)
+  assert float(answer) == pytest.approx(float(plain), abs=1e-6)
+  for a, b in zip(jax.tree.leaves(answer_grads), jax.tree.leaves(plain_grads)):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+  hlo = jax.jit(lambda p: mean_loss(model, p, scored)).lower(params).as_text()
+  assert "tensor<3x12x97xf32>" not in hlo and "tensor<3x97xf32>" in hlo
+
+
 def test_chunked_loss_never_builds_full_logits():
   """The compiled chunked loss holds no [tokens, vocab] array: every vocab-sized
   intermediate is at most a chunk's."""

@@ -16,6 +16,7 @@ from decoder_jax import inference, peft
 from decoder_jax.data import tasks as tasks_lib
 from decoder_jax.evaluation import generation, metrics
 from decoder_jax.model import Decoder, ModelConfig
+from decoder_jax.train import steps
 
 
 def default_eval_config() -> ml_collections.ConfigDict:
@@ -75,16 +76,13 @@ def _head_predictions(params, batch, *, model):
 @functools.partial(jax.jit, static_argnames=("model",))
 def _label_word_predictions(params, batch, label_ids, *, model):
   """The same for label words: the LM head's scores of the label words at answer_index;
-  the loss is the LM loss on the weighted targets (the label word)."""
-  logits, _ = model.apply({"params": params}, batch["inputs"])  # [batch, length, vocab]
-  logits = logits.astype(jnp.float32)
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-  rows = jnp.arange(logits.shape[0])
-  at_answer = logits[rows, batch["answer_index"]]  # [batch, vocab]
-  scores = at_answer[:, label_ids]  # [batch, labels]
-  real = batch["weights"][rows, batch["answer_index"]] > 0
-  return (jnp.argmax(scores, axis=-1), real, (losses * batch["weights"]).sum(),
-          batch["weights"].sum())
+  the loss is the LM loss of the label word there (the row's only weighted target)."""
+  logits = steps.answer_logits(model, params, batch)  # [batch, vocab]
+  losses = optax.softmax_cross_entropy_with_integer_labels(
+      logits, steps.at_answer(batch, "targets"))  # [batch]
+  weights = steps.at_answer(batch, "weights")  # [batch]
+  return (jnp.argmax(logits[:, label_ids], axis=-1), weights > 0, (losses * weights).sum(),
+          weights.sum())
 
 
 def classification_predictions(model: Decoder, params, task, batches):

@@ -57,14 +57,16 @@ class Decoder(nn.Module):
 
   `return_hidden` returns the final normalised hidden states [batch, length, embed]
   instead of logits, for losses that apply the output projection themselves in chunks
-  (train/steps.py), never holding [batch, length, vocab] logits.
+  (train/steps.py), never holding [batch, length, vocab] logits. `logits_at` (int32
+  [batch]) returns token logits [batch, vocab] of one position per row only, for
+  objectives that score a single position (label words).
   """
   config: ModelConfig
   num_labels: int = 0
 
   @nn.compact
   def __call__(self, tokens, positions=None, cache=None, deterministic: bool = True,
-               last_index=None, return_hidden: bool = False):
+               last_index=None, return_hidden: bool = False, logits_at=None):
     cfg = self.config
     batch, length = tokens.shape
     if positions is None:
@@ -108,12 +110,16 @@ class Decoder(nn.Module):
     elif last_index is not None:
       raise ValueError("last_index selects a position for the classification head; this "
                        "Decoder has num_labels=0")
+    if logits_at is not None:
+      x = x[jnp.arange(batch), logits_at][:, None, :]  # [batch, 1, embed]
     if cfg.tie_embeddings:
       logits = embed.attend(x)
     else:
       logits = layers.dense(cfg.vocab_size, ("embed", "vocab"), cfg, cfg.init_std, "lm_head",
                             use_bias=False, deterministic=deterministic)(x)
     logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+    if logits_at is not None:
+      return logits[:, 0], cache  # [batch, vocab]
     return logits, cache
 
   def _scanned_layers(self, x, positions, cache, deterministic):

@@ -6,9 +6,10 @@ training; LoRA adapters and a classification head for LoRA), and `frozen`, the r
 frozen base has neither gradients nor optimizer state.
 
 The batch decides the objective: a batch with `last_index` trains the classification
-head (cross-entropy over labels, one example per row); any other is language modelling
-(per-token cross-entropy, weighted by `weights` when the batch has them: 0 on prompts
-and padding).
+head (cross-entropy over labels, one example per row); a batch with `answer_index`
+(label words) has one weighted target per row, so only that position's logits are
+computed; any other is language modelling (per-token cross-entropy, weighted by
+`weights` when the batch has them: 0 on prompts and padding).
 """
 
 from __future__ import annotations
@@ -79,11 +80,32 @@ def class_logits(model, params, batch, rng=None, deterministic=True):
   return logits
 
 
+def answer_logits(model, params, batch, rng=None, deterministic=True):
+  """Token logits at each row's answer_index only: float32 [batch, vocab]."""
+  rngs = None if deterministic else {"dropout": rng}
+  logits, _ = model.apply({"params": params}, batch["inputs"], deterministic=deterministic,
+                          rngs=rngs, logits_at=batch["answer_index"])
+  return logits.astype(jnp.float32)
+
+
+def at_answer(batch, key):
+  """batch[key] [batch, length] at each row's answer_index: [batch]."""
+  values = jnp.asarray(batch[key])
+  return values[jnp.arange(values.shape[0]), batch["answer_index"]]
+
+
 def loss_sums(model, params, batch, rng=None, deterministic=True, chunk_size=None):
   """(sum of weighted losses, sum of weights) of a batch, whatever its objective."""
   if "last_index" in batch:
     losses = optax.softmax_cross_entropy_with_integer_labels(
         class_logits(model, params, batch, rng, deterministic), batch["labels"])  # [batch]
+  elif "answer_index" in batch:
+    # Label words: the answer position is the only weighted target of a row (the
+    # response is one token), so the [batch, length, vocab] logits would be wasted.
+    losses = optax.softmax_cross_entropy_with_integer_labels(
+        answer_logits(model, params, batch, rng, deterministic),
+        at_answer(batch, "targets"))  # [batch]
+    return (losses * at_answer(batch, "weights")).sum(), at_answer(batch, "weights").sum()
   else:
     losses = token_losses(model, params, batch, rng, deterministic,
                           chunk_size)  # [batch, length]
