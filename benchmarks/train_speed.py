@@ -109,6 +109,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import finetune as ft  # pylint: disable=wrong-import-position
+from decoder_jax import xla_flags  # pylint: disable=wrong-import-position
 
 LLAMA_1B = dict(family="llama", vocab_size=128256, num_layers=16, num_heads=32, num_kv_heads=8,
                 width=2048, mlp_width=8192, max_length=2048, use_bias=False,
@@ -890,6 +891,7 @@ def collect_env(args, rt):
       "torch": v("torch"), "transformers": v("transformers"),
       "jax_device": getattr(device, "device_kind", str(device)), **rt,
       "remat": args.remat, "loss_chunk": args.loss_chunk, "loadavg_start": os.getloadavg(),
+      "xla_flags": os.environ.get("XLA_FLAGS", "(unset)"),
   }
   for plugin in ("jax-cuda12-plugin", "jax-cuda13-plugin"):
     if v(plugin) != "not installed":
@@ -934,6 +936,8 @@ class Runner:
       # torch's process: JAX only initialises weights there, on the CPU, so no second CUDA
       # client (nor a second cuDNN) shares the process or the device with torch.
       env["JAX_PLATFORMS"] = "cpu"
+    elif not self.args.no_launch_flags:
+      xla_flags.apply_launch_flags(env)  # what `python -m decoder_jax.train` sets
     env.update(extra_env or {})
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     try:
@@ -1313,6 +1317,9 @@ def parse_args(argv=None):
                   type=lambda t: _names(t, tuple(MODELS)),
                   help=f"comma list of {', '.join(MODELS)}, or none")
   ap.add_argument("--sides", default="jax,hf", type=lambda t: _names(t, SIDES))
+  ap.add_argument("--no_launch_flags", action="store_true",
+                  help="run decoder_jax without the XLA flags the train launcher adds "
+                  "(decoder_jax/xla_flags.py): the 'before' of a before/after")
   ap.add_argument("--batch", type=_per_model_ints("--batch"), default=None,
                   help="batch of every model, or per model: gpt2=16,llama1b=8 (defaults: "
                   + ", ".join(f"{n} {s['batch']}" for n, s in MODELS.items()) + ")")

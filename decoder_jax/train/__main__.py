@@ -6,6 +6,7 @@ Overrides: --config.train.num_steps=100, --config.model.dropout=0.1, ...
 from absl import app, flags
 from ml_collections import config_flags
 
+from decoder_jax import xla_flags
 from decoder_jax.train.loop import train_and_evaluate
 from decoder_jax.train.metrics import quiet_library_logs
 
@@ -19,6 +20,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   quiet_library_logs()
+  xla_flags.apply_launch_flags()  # before JAX starts a backend (it reads XLA_FLAGS once)
   result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   if "eval/loss" in result:
     print(f"final eval/loss {result['eval/loss']:.4f}")
