@@ -41,6 +41,9 @@ def get_config(arg: str | None = None):
   evaluation.generation_batch_size = 64
   if cpu:
     task.max_length = 64
+    # Prompt + response is 46 tokens at the median (SmolLM2 tokenizer): a 48 bucket pads
+    # an example to 53 tokens on average instead of 62.
+    task.buckets = (16, 32, 48, 64)
     task.max_train_examples = 4000
     task.max_eval_examples = 200
     train.update(num_steps=250, batch_size=16, log_every=10, eval_every=125,
