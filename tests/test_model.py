@@ -1,5 +1,7 @@
 """Both model families: shapes, causality, KV-cache equivalence, config validation."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -14,6 +16,9 @@ FAMILIES = {
     "llama_scan_remat": dict(family="llama", num_kv_heads=1, scan_layers=True, remat=True),
     "gpt2_untied": dict(family="gpt2", tie_embeddings=False, use_bias=False),
 }
+# The written-out attention: equal to the others (below), so only its cache path is added.
+CACHED = {**FAMILIES, "llama_gqa_einsum": dict(family="llama", num_kv_heads=2, use_bias=False,
+                                               attention_impl="einsum")}
 
 
 def tiny(**fields) -> ModelConfig:
@@ -48,7 +53,7 @@ def test_causality(fields):
   assert not np.allclose(before[:, t:], after[:, t:])  # the change is visible from t on
 
 
-@pytest.mark.parametrize("fields", FAMILIES.values(), ids=FAMILIES.keys())
+@pytest.mark.parametrize("fields", CACHED.values(), ids=CACHED.keys())
 def test_cached_prefill_and_steps_match_full_forward(fields):
   config = tiny(**fields)
   model, params, tokens = init(config)
@@ -96,6 +101,23 @@ def test_bad_config_is_a_clear_error(fields, message):
 def test_unknown_field_is_rejected():
   with pytest.raises(ValueError, match="unknown model config field"):
     ModelConfig.from_dict({"widht": 32})
+
+
+def test_einsum_attention_equals_dot_product_attention_with_equal_gradients():
+  config = tiny(family="llama", num_kv_heads=2, use_bias=False)
+  model, params, tokens = init(config)
+  einsum_model = Decoder(dataclasses.replace(config, attention_impl="einsum"))
+
+  def loss(m, p):
+    logits, _ = m.apply({"params": p}, tokens)
+    return (logits * jnp.linspace(-1.0, 1.0, logits.size).reshape(logits.shape)).sum()
+
+  np.testing.assert_allclose(einsum_model.apply({"params": params}, tokens)[0],
+                             model.apply({"params": params}, tokens)[0], atol=1e-5)
+  grads = jax.grad(lambda p: loss(model, p))(params)
+  einsum_grads = jax.grad(lambda p: loss(einsum_model, p))(params)
+  for a, b in zip(jax.tree.leaves(einsum_grads), jax.tree.leaves(grads)):
+    np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def test_auto_attention_uses_cudnn_only_where_it_applies():

@@ -13,7 +13,7 @@ import re
 from typing import Any, Optional
 
 FAMILIES = ("gpt2", "llama")
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "auto")
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "einsum", "auto")
 # What a block keeps for the backward pass: everything ("none", no recomputation), only
 # matmul outputs without batch dimensions ("dots_saveable"), or nothing ("full").
 REMAT_POLICIES = ("none", "dots_saveable", "full")
@@ -102,7 +102,9 @@ class ModelConfig:
   # Number formats: parameters stay in param_dtype, matmuls run in dtype.
   dtype: str = "float32"
   param_dtype: str = "float32"
-  attention_impl: str = "xla"  # passed to jax.nn.dot_product_attention ("auto": cudnn on GPU)
+  # "xla" | "cudnn": jax.nn.dot_product_attention's; "einsum": written out (model/attention.py);
+  # "auto": cudnn on a GPU where it supports the inputs, else xla.
+  attention_impl: str = "xla"
   # Recompute block activations in the backward pass: one of REMAT_POLICIES (True and
   # False, from older configs, mean "full" and "none").
   remat: str = "none"
