@@ -424,7 +424,7 @@ def main(argv=None):
   config = preset(PRESET, dtype=dtype, param_dtype=dtype)
 
   env = {
-      "python": platform.pythonversion(), "platform": platform.platform(),
+      "python": platform.python_version(), "platform": platform.platform(),
       "cpu": platform.processor() or platform.machine(), "cores": num_cores,
       "jax": version("jax"), "jaxlib": version("jaxlib"), "flax": version("flax"),
       "torch": torch.__version__, "transformers": version("transformers"),

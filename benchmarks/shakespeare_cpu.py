@@ -262,7 +262,7 @@ def main(argv=None):
   print(f"- machine: {num_cores} CPU cores usable ({os.cpu_count()} in the OS), "
         f"{platform.processor() or platform.machine()}; threads per side: "
         f"{threads}{' (taskset)' if prefix else ''}")
-  print(f"- python {platform.pythonversion()}, torch {version('torch')}, "
+  print(f"- python {platform.python_version()}, torch {version('torch')}, "
         f"jax {version('jax')}, jaxlib {version('jaxlib')}, "
         f"flax {version('flax')}, optax {version('optax')}")
   print(f"- DECODER_JAX_DATA={env.get('DECODER_JAX_DATA', '(unset)')}; "
