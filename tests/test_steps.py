@@ -36,7 +36,7 @@ def mean_loss(model, params, batch, chunk_size=None):
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-@pytest.mark.parametrize("chunk_size", [5, 16, 36])  # 36 tokens: uneven, exact, one chunk
+@pytest.mark.parametrize("chunk_size", [5, 36])  # 36 tokens: uneven chunks, one chunk
 def test_chunked_loss_equals_plain_loss_with_equal_gradients(name, chunk_size):
   model, params, batch = setup(CONFIGS[name])
   plain, plain_grads = jax.value_and_grad(lambda p: mean_loss(model, p, batch))(params)
