@@ -105,7 +105,8 @@ def loss_sums(model, params, batch, rng=None, deterministic=True, chunk_size=Non
     losses = optax.softmax_cross_entropy_with_integer_labels(
         answer_logits(model, params, batch, rng, deterministic),
         at_answer(batch, "targets"))  # [batch]
-    return (losses * at_answer(batch, "weights")).sum(), at_answer(batch, "weights").sum()
+    weights = at_answer(batch, "weights")  # [batch]
+    return (losses * weights).sum(), weights.sum()
   else:
     losses = token_losses(model, params, batch, rng, deterministic,
                           chunk_size)  # [batch, length]
