@@ -19,6 +19,9 @@ FAMILIES = {
 # The written-out attention: equal to the others (below), so only its cache path is added.
 CACHED = {**FAMILIES, "llama_gqa_einsum": dict(family="llama", num_kv_heads=2, use_bias=False,
                                                attention_impl="einsum")}
+# bfloat16 matmul operands round: its cache path is compared with a looser tolerance.
+MIXED = dict(family="llama", num_kv_heads=2, use_bias=False, attention_impl="einsum",
+             matmul_dtype="bfloat16")
 
 
 def tiny(**fields) -> ModelConfig:
@@ -53,8 +56,9 @@ def test_causality(fields):
   assert not np.allclose(before[:, t:], after[:, t:])  # the change is visible from t on
 
 
-@pytest.mark.parametrize("fields", CACHED.values(), ids=CACHED.keys())
-def test_cached_prefill_and_steps_match_full_forward(fields):
+@pytest.mark.parametrize("fields, tolerance", [(f, 1e-5) for f in CACHED.values()] +
+                         [(MIXED, 2e-2)], ids=list(CACHED) + ["llama_gqa_einsum_bf16_matmuls"])
+def test_cached_prefill_and_steps_match_full_forward(fields, tolerance):
   config = tiny(**fields)
   model, params, tokens = init(config)
   full, _ = model.apply({"params": params}, tokens)
@@ -65,7 +69,7 @@ def test_cached_prefill_and_steps_match_full_forward(fields):
     step_logits, cache = model.apply({"params": params}, tokens[:, t:t + 1],
                                      positions=jnp.full((3, 1), t, jnp.int32), cache=cache)
     pieces.append(step_logits)
-  np.testing.assert_allclose(np.concatenate(pieces, 1), full, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(np.concatenate(pieces, 1), full, atol=tolerance, rtol=tolerance)
 
 
 def test_parameter_names_and_shapes():
@@ -92,6 +96,7 @@ def test_bfloat16_compute_keeps_float32_params():
     (dict(num_heads=4, num_kv_heads=3), "divisible by model.num_kv_heads"),
     (dict(family="mamba"), "model.family"),
     (dict(dropout=1.5), "dropout"),
+    (dict(matmul_dtype="float16"), "model.matmul_dtype"),
 ])
 def test_bad_config_is_a_clear_error(fields, message):
   with pytest.raises(ValueError, match=message):
@@ -128,3 +133,50 @@ def test_auto_attention_uses_cudnn_only_where_it_applies():
   assert resolve_implementation("auto", "bfloat16", 60, backend="gpu") == "xla"
   assert resolve_implementation("auto", "bfloat16", 64, backend="cpu") == "xla"
   assert resolve_implementation("cudnn", "float32", 64, backend="cpu") == "cudnn"  # explicit
+
+
+def test_mixed_einsum_rounds_operands_and_cotangent_to_bfloat16():
+  from decoder_jax.model.layers import mixed_einsum
+  keys = jax.random.split(jax.random.key(3), 3)
+  a = jax.random.normal(keys[0], (2, 5, 3, 8))  # [b, t, h, d]
+  b = jax.random.normal(keys[1], (2, 7, 3, 8))  # [b, s, h, d]
+  g = jax.random.normal(keys[2], (2, 3, 5, 7))  # cotangent of [b, h, t, s]
+  spec = "bthd,bshd->bhts"
+  rounded = lambda x: x.astype(jnp.bfloat16).astype(jnp.float32)
+  out, vjp = jax.vjp(lambda x, y: mixed_einsum(spec, x, y), a, b)
+  assert out.dtype == jnp.float32
+  # Reference: float32 math on bfloat16-rounded operands and cotangent.
+  ref_out, ref_vjp = jax.vjp(lambda x, y: jnp.einsum(spec, x, y, precision="highest"),
+                             rounded(a), rounded(b))
+  np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
+  for got, want in zip(vjp(g), ref_vjp(rounded(g))):
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  # ... and not the unrounded float32 result: the rounding is really there.
+  assert not np.allclose(out, jnp.einsum(spec, a, b, precision="highest"), rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="at least two"):
+    mixed_einsum("ij,jk->i", a[0, 0], b[0, 0].T)  # k summed within one operand
+
+
+def test_bfloat16_matmuls_train_like_float32():
+  """matmul_dtype="bfloat16" (float32 compute): float32 logits and params, and loss and
+  gradients within bfloat16 rounding of the float32 model's."""
+  config = tiny(**{**MIXED, "matmul_dtype": None})
+  model, params, tokens = init(config)
+  mixed = Decoder(dataclasses.replace(config, matmul_dtype="bfloat16"))
+
+  def loss(m, p):
+    logits, _ = m.apply({"params": p}, tokens)
+    return -jax.nn.log_softmax(logits)[..., 0].mean(), logits
+
+  (value, logits), grads = jax.value_and_grad(lambda p: loss(model, p), has_aux=True)(params)
+  (mixed_value, mixed_logits), mixed_grads = jax.value_and_grad(
+      lambda p: loss(mixed, p), has_aux=True)(params)
+  assert mixed_logits.dtype == jnp.float32
+  assert not np.array_equal(mixed_logits, logits)  # the bfloat16 path was taken
+  np.testing.assert_allclose(mixed_logits, logits, atol=3e-2)
+  np.testing.assert_allclose(mixed_value, value, rtol=1e-2)
+  flat, mixed_flat = (jnp.concatenate([x.ravel() for x in jax.tree.leaves(t)])
+                      for t in (grads, mixed_grads))
+  cosine = flat @ mixed_flat / (jnp.linalg.norm(flat) * jnp.linalg.norm(mixed_flat))
+  assert cosine > 0.999, cosine

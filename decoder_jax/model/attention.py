@@ -46,29 +46,37 @@ def resolve_implementation(name: str, dtype="bfloat16", head_dim: int = 64,
   return name
 
 
-def einsum_attention(q, k, v, mask):
+def einsum_attention(q, k, v, mask, bf16_operands: bool = False):
   """Attention written out as two einsums: q [batch, length, heads, head_dim]; k, v
   [batch, keys, kv_heads, head_dim]; mask bool, broadcastable to [batch, length, keys]
   (True: may attend) -> [batch, length, heads, head_dim]. Scores and softmax in float32.
   Grouped-query heads are a reshape of q (no copies of k and v). attention_impl="einsum".
+  `bf16_operands`: both einsums on bfloat16-rounded operands (layers.mixed_einsum).
   """
   batch, length, heads, head_dim = q.shape
   kv_heads = k.shape[2]
   q = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)  # [b, t, kv, group, d]
-  scores = jnp.einsum("btkgd,bskd->bkgts", q, k,
-                      preferred_element_type=jnp.float32) * head_dim**-0.5  # [b, kv, g, t, s]
+  if bf16_operands:
+    scores = layers.mixed_einsum("btkgd,bskd->bkgts", q, k)
+  else:
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+  scores = scores * head_dim**-0.5  # [b, kv, g, t, s]
   scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)  # [b, t, kv, group, d]
+  if bf16_operands:
+    out = layers.mixed_einsum("bkgts,bskd->btkgd", probs, v).astype(v.dtype)
+  else:
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)  # [b, t, kv, group, d]
   return out.reshape(batch, length, heads, head_dim)
 
 
-def attend(q, k, v, implementation, mask=None):
-  """Causal self-attention (mask None) or masked attention over a cache, by implementation."""
+def attend(q, k, v, implementation, mask=None, bf16_operands: bool = False):
+  """Causal self-attention (mask None) or masked attention over a cache, by implementation.
+  `bf16_operands` applies to the einsum implementation only."""
   if implementation == "einsum":
     if mask is None:
       mask = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))[None]  # [1, length, keys]
-    return einsum_attention(q, k, v, mask)
+    return einsum_attention(q, k, v, mask, bf16_operands)
   if mask is None:
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
   # The masked (cache) path runs through XLA: cuDNN wants causal/padding masks only.
@@ -105,8 +113,9 @@ class SelfAttention(nn.Module):
     v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "kv"))
 
     implementation = resolve_implementation(cfg.attention_impl, q.dtype, cfg.head_dim)
+    mixed = layers.bf16_matmuls(cfg)
     if cache is None:
-      out = attend(q, k, v, implementation)
+      out = attend(q, k, v, implementation, bf16_operands=mixed)
       new_cache = None
     else:
       start = positions[:, 0]  # [batch]; the chunk's positions are contiguous
@@ -114,7 +123,7 @@ class SelfAttention(nn.Module):
       slots = jnp.arange(new_cache["k"].shape[1])  # [cache_length]
       mask = slots[None, None, :] <= positions[:, :, None]  # [batch, length, cache_length]
       out = attend(q, new_cache["k"].astype(q.dtype), new_cache["v"].astype(q.dtype),
-                   implementation, mask)
+                   implementation, mask, bf16_operands=mixed)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
     out = layers.dense(cfg.width, ("heads", "kv", "embed"), cfg, layers.residual_std(cfg),
                        "out", deterministic=det)(out)  # [batch, length, embed]

@@ -17,6 +17,8 @@ ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "einsum", "auto")
 # What a block keeps for the backward pass: everything ("none", no recomputation), only
 # matmul outputs without batch dimensions ("dots_saveable"), or nothing ("full").
 REMAT_POLICIES = ("none", "dots_saveable", "full")
+# Operand format of the projection and attention matmuls (None: the compute dtype).
+MATMUL_DTYPES = (None, "bfloat16")
 
 
 # Every attention and MLP projection (llama: query, key, value, out, gate, up, down; gpt2
@@ -102,6 +104,11 @@ class ModelConfig:
   # Number formats: parameters stay in param_dtype, matmuls run in dtype.
   dtype: str = "float32"
   param_dtype: str = "float32"
+  # Operand format of the projection and (einsum) attention matmuls. None: dtype.
+  # "bfloat16" with dtype "float32": operands rounded to bfloat16, products summed and
+  # returned in float32, forward and backward (layers.mixed_einsum); XLA runs such dots
+  # on the AMX units of recent Intel CPUs, several times faster than float32 ones.
+  matmul_dtype: Optional[str] = None
   # "xla" | "cudnn": jax.nn.dot_product_attention's; "einsum": written out (model/attention.py);
   # "auto": cudnn on a GPU where it supports the inputs, else xla.
   attention_impl: str = "xla"
@@ -142,6 +149,9 @@ class ModelConfig:
       raise ValueError(f"rotary positions need an even head_dim, got {self.head_dim}")
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
+    if self.matmul_dtype not in MATMUL_DTYPES:
+      raise ValueError(f"model.matmul_dtype must be one of {MATMUL_DTYPES}, "
+                       f"got {self.matmul_dtype!r}")
 
   @property
   def head_dim(self) -> int:

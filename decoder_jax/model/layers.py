@@ -6,9 +6,11 @@ training code maps those names onto mesh axes with one rules table.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from decoder_jax.model.config import ModelConfig
@@ -42,6 +44,70 @@ def norm(config: ModelConfig, name: str) -> nn.Module:
   return nn.LayerNorm(use_bias=config.use_bias, bias_init=zeros_init(("embed",)), **common)
 
 
+def _bf16_einsum(spec: str, a, b):
+  return jnp.einsum(spec, a.astype(jnp.bfloat16), b.astype(jnp.bfloat16),
+                    preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def mixed_einsum(spec: str, a, b):
+  """einsum(spec, a, b) in float32 with both operands rounded to bfloat16, in the forward
+  and the backward pass (products summed in float32).
+
+  On CPUs with AMX (Intel Sapphire Rapids and later) XLA runs bfloat16 x bfloat16 ->
+  float32 dots through its YNNPACK library at several times its float32 rate. Plain
+  autodiff would multiply the float32 cotangent by the operands (float32 dots), so the
+  backward pass is written out with the cotangent rounded to bfloat16 too. `spec` is a
+  two-operand einsum ("ti,io->to") whose every index appears in at least two of its three
+  terms (batch indices in all three).
+  """
+  _check_spec(spec)
+  return _bf16_einsum(spec, a, b)
+
+
+def _mixed_einsum_fwd(spec, a, b):
+  _check_spec(spec)
+  a16, b16 = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
+  # bfloat16 residuals (half the activation memory of float32 ones); the empty arrays
+  # carry the operands' dtypes to the backward pass.
+  return _bf16_einsum(spec, a16, b16), (a16, b16, jnp.zeros((0,), a.dtype),
+                                        jnp.zeros((0,), b.dtype))
+
+
+def _mixed_einsum_bwd(spec, residuals, g):
+  a16, b16, a_kind, b_kind = residuals
+  inputs, out = spec.split("->")
+  a_idx, b_idx = inputs.split(",")
+  g16 = g.astype(jnp.bfloat16)
+  da = _bf16_einsum(f"{out},{b_idx}->{a_idx}", g16, b16)
+  # The second operand's gradient contracts over the leading (token) axes, which XLA's
+  # CPU backend runs in float32 anyway, and some such bfloat16 x bfloat16 -> float32 dots
+  # it cannot run at all ("Unsupported element type for DotThunk"). Same products in
+  # float32: bfloat16 x bfloat16 products are exact there.
+  db = jnp.einsum(f"{a_idx},{out}->{b_idx}", a16.astype(jnp.float32), g16.astype(jnp.float32))
+  return da.astype(a_kind.dtype), db.astype(b_kind.dtype)
+
+
+mixed_einsum.defvjp(_mixed_einsum_fwd, _mixed_einsum_bwd)
+
+
+def _check_spec(spec: str) -> None:
+  """Raises unless mixed_einsum's written-out gradient holds for `spec`."""
+  inputs, out = spec.split("->")
+  terms = inputs.split(",") + [out]
+  letters = "".join(terms)
+  if len(terms) != 3 or any(len(set(t)) != len(t) for t in terms) or any(
+      letters.count(c) < 2 for c in set(letters)):
+    raise ValueError(f"mixed_einsum needs 'x,y->z' with every index in at least two of the "
+                     f"three terms (none summed or broadcast within one); got {spec!r}")
+
+
+def bf16_matmuls(config: ModelConfig) -> bool:
+  """Whether matmuls run on bfloat16-rounded operands with float32 results (mixed_einsum):
+  config.matmul_dtype "bfloat16" with float32 compute."""
+  return config.matmul_dtype == "bfloat16" and jnp.dtype(config.dtype) == jnp.float32
+
+
 class Dense(nn.Module):
   """x [..., *in_shape] -> [..., *out_shape] with kernel [*in_shape, *out_shape].
 
@@ -73,7 +139,10 @@ class Dense(nn.Module):
     n_in, n_out = math.prod(self.in_shape), math.prod(self.out_shape)
     lead = x.shape[:x.ndim - len(self.in_shape)]
     x2 = x.astype(dtype).reshape(-1, n_in)  # [tokens, n_in]
-    out = x2 @ kernel.astype(dtype).reshape(n_in, n_out)  # [tokens, n_out]
+    if bf16_matmuls(cfg):
+      out = mixed_einsum("ti,io->to", x2, kernel.reshape(n_in, n_out))  # f32 [tokens, n_out]
+    else:
+      out = x2 @ kernel.astype(dtype).reshape(n_in, n_out)  # [tokens, n_out]
     if cfg.lora is not None and cfg.lora.is_target(self.scope.path):
       out = out + self._lora(x2, n_in, n_out)
     out = out.reshape(lead + self.out_shape)

@@ -15,6 +15,7 @@ def model_section(**fields) -> ml_collections.ConfigDict:
   values["mlp_width"] = config_dict.placeholder(int)
   values["qkv_bias"] = config_dict.placeholder(bool)  # None: follows use_bias
   values["mlp_bias"] = config_dict.placeholder(bool)
+  values["matmul_dtype"] = config_dict.placeholder(str)  # None: the compute dtype
   values.update(fields)
   return ml_collections.ConfigDict(values)
 

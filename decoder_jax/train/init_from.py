@@ -19,8 +19,8 @@ from flax import traverse_util
 from decoder_jax.model import ModelConfig
 
 # ModelConfig fields the training config decides; every other field is the checkpoint's.
-TRAINING_FIELDS = ("dtype", "param_dtype", "attention_impl", "remat", "scan_layers", "dropout",
-                   "lora")
+TRAINING_FIELDS = ("dtype", "param_dtype", "matmul_dtype", "attention_impl", "remat",
+                   "scan_layers", "dropout", "lora")
 
 
 def _is_training_workdir(path: str) -> bool:
