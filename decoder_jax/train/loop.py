@@ -9,6 +9,7 @@ import time
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
@@ -258,11 +259,15 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
   # One compiled program: evaluated op by op, the schedule would compile each of its ~10
   # operations separately on first use (about 0.6 s of start-up on a 2-core CPU).
   learning_rate_at = jax.jit(optimizer.learning_rate_schedule(train_cfg))
+  summarize_metrics = jax.jit(lambda losses, grad_norm: (jnp.mean(jnp.stack(losses)), grad_norm))
 
   def write_train_metrics(logged_step, device_metrics):
-    fetched = jax.device_get(device_metrics)
-    last.update({"train/loss": float(np.mean([m["loss"] for m in fetched])),
-                 "train/grad_norm": float(fetched[-1]["grad_norm"]),
+    # One device op and one transfer for the whole log interval: fetching each step's
+    # scalars separately cost about 1 ms apiece on a 2-core CPU (2 ms per step).
+    mean_loss, grad_norm = jax.device_get(
+        summarize_metrics([m["loss"] for m in device_metrics], device_metrics[-1]["grad_norm"]))
+    last.update({"train/loss": float(mean_loss),
+                 "train/grad_norm": float(grad_norm),
                  "train/learning_rate": float(learning_rate_at(logged_step - 1)),
                  **progress.rates(logged_step)})
     writer.write(logged_step, {k: v for k, v in last.items() if k.startswith("train/")})
