@@ -30,7 +30,7 @@ class MetricWriter:
         _drop_lines_after(path, resume_step)
       self._jsonl = open(path, "a", encoding="utf-8")
       self._tb = _summary_writer_class()(os.path.join(workdir, "tensorboard"),
-                               purge_step=resume_step + 1 if resume_step else None)
+                                         purge_step=resume_step + 1 if resume_step else None)
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
     if not self.enabled:
