@@ -279,7 +279,8 @@ def main(argv=None):
   print("| side | wall s (median) | all runs, s | final val loss | steps | "
         "evals | others busy |")
   print("|---|---:|---|---:|---:|---:|---|")
-  for name, s in (("decoder_jax", s_jax), ("pytorch eager", s_torch)):
+  torch_name = " ".join(["pytorch eager"] + args.torch_arg)
+  for name, s in (("decoder_jax", s_jax), (torch_name, s_torch)):
     if s is None:
       print(f"| {name} | n/a | | n/a | | | |")
       continue

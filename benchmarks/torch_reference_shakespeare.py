@@ -40,6 +40,7 @@ Run:  python benchmarks/torch_reference_shakespeare.py \
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -227,7 +228,14 @@ def main(argv=None):
   p.add_argument("--threads", type=int, default=os.cpu_count(),
                  help="torch.set_num_threads (default: all cores)")
   p.add_argument("--seed", type=int, default=1337)
+  p.add_argument("--autocast_bf16", action="store_true",
+                 help="forward passes (training and evaluation) under "
+                      "torch.autocast('cpu', bfloat16): matmuls in bfloat16, as "
+                      "decoder_jax's model.matmul_dtype=bfloat16 (parameters, "
+                      "optimizer and loss stay float32)")
   args = p.parse_args(argv)
+  precision = (torch.autocast("cpu", dtype=torch.bfloat16) if args.autocast_bf16
+               else contextlib.nullcontext())
 
   torch.set_num_threads(args.threads)
   torch.manual_seed(args.seed)
@@ -261,7 +269,8 @@ def main(argv=None):
       group["lr"] = lr
     offsets = torch.randint(len(train_tokens) - BLOCK_SIZE, (BATCH_SIZE,))
     x, y = windows(train_tokens, offsets)
-    loss = loss_fn(model, x, y)
+    with precision:
+      loss = loss_fn(model, x, y)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
@@ -273,7 +282,8 @@ def main(argv=None):
     if step == args.steps or (args.eval_interval and
                               step % args.eval_interval == 0):
       t0 = time.perf_counter()
-      val_loss = evaluate(model, val_x, val_y)
+      with precision:
+        val_loss = evaluate(model, val_x, val_y)
       eval_seconds += time.perf_counter() - t0
       history.append({"step": step, "val_loss": val_loss})
       print(f"step {step}: train loss {train_loss:.4f}, val loss "
@@ -291,6 +301,7 @@ def main(argv=None):
       "threads": torch.get_num_threads(),
       "seed": args.seed,
       "torch": torch.__version__,
+      "autocast_bf16": args.autocast_bf16,
       "history": history,
   }), flush=True)
   return 0

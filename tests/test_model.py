@@ -143,17 +143,24 @@ def test_mixed_einsum_rounds_operands_and_cotangent_to_bfloat16():
   g = jax.random.normal(keys[2], (2, 3, 5, 7))  # cotangent of [b, h, t, s]
   spec = "bthd,bshd->bhts"
   rounded = lambda x: x.astype(jnp.bfloat16).astype(jnp.float32)
-  out, vjp = jax.vjp(lambda x, y: mixed_einsum(spec, x, y), a, b)
+
+  @jax.jit  # one compile instead of one per operation
+  def results(a, b, g):
+    out, vjp = jax.vjp(lambda x, y: mixed_einsum(spec, x, y), a, b)
+    # Reference: float32 math on bfloat16-rounded operands and cotangent.
+    ref_out, ref_vjp = jax.vjp(lambda x, y: jnp.einsum(spec, x, y, precision="highest"),
+                               rounded(a), rounded(b))
+    unrounded = jnp.einsum(spec, a, b, precision="highest")
+    return out, vjp(g), ref_out, ref_vjp(rounded(g)), unrounded
+
+  out, grads, ref_out, ref_grads, unrounded = results(a, b, g)
   assert out.dtype == jnp.float32
-  # Reference: float32 math on bfloat16-rounded operands and cotangent.
-  ref_out, ref_vjp = jax.vjp(lambda x, y: jnp.einsum(spec, x, y, precision="highest"),
-                             rounded(a), rounded(b))
   np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
-  for got, want in zip(vjp(g), ref_vjp(rounded(g))):
+  for got, want in zip(grads, ref_grads):
     assert got.dtype == jnp.float32
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   # ... and not the unrounded float32 result: the rounding is really there.
-  assert not np.allclose(out, jnp.einsum(spec, a, b, precision="highest"), rtol=1e-5, atol=1e-5)
+  assert not np.allclose(out, unrounded, rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="at least two"):
     mixed_einsum("ij,jk->i", a[0, 0], b[0, 0].T)  # k summed within one operand
 
