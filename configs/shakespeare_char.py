@@ -28,7 +28,7 @@ def get_config(arg: str | None = None):
     # Written-out attention: its backward is cheaper on XLA's CPU backend (whole recipe
     # 139.9 -> 131.0 s on 2 cores, same loss). bfloat16 matmul operands, float32 sums and
     # everything else float32: AMX dots on recent Intel CPUs (the step ~0.7x; final loss
-    # 1.8830 vs 1.8836). benchmarks/RESULTS.md.
+    # 1.8827 vs 1.8836). benchmarks/RESULTS.md.
     model = common.model_section(family="gpt2", num_layers=4, num_heads=4, width=128,
                                  max_length=64, use_bias=False, dropout=0.0,
                                  attention_impl="einsum", matmul_dtype="bfloat16")

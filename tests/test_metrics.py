@@ -5,6 +5,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from decoder_jax.train.metrics import MetricWriter
 
 
@@ -24,6 +26,7 @@ def test_writer_keeps_one_line_per_step_across_a_resume(tmp_path):
 def test_tensorboard_writer_does_not_import_torch(tmp_path):
   """tensorboardX would import torch (seconds of start-up) when it is installed; the
   writer keeps it out, and torch stays importable afterwards."""
+  pytest.importorskip("torch")
   script = textwrap.dedent(f"""
       import sys
       from decoder_jax.train.metrics import MetricWriter
