@@ -367,6 +367,9 @@ def parse_args(argv=None):
   ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                   help="compute, parameter and cache dtype of both sides (auto: float32 on "
                   "CPU, bfloat16 on an accelerator)")
+  ap.add_argument("--matmul_dtype", default=None, choices=(None, "bfloat16"),
+                  help="decoder_jax's model.matmul_dtype (bfloat16: projection operands "
+                       "rounded, float32 sums; the HF side stays in --dtype)")
   ap.add_argument("--hf_dynamic", action="store_true", help="also time HF's default dynamic "
                   "cache")
   ap.add_argument("--skip_jax", action="store_true")
@@ -421,7 +424,7 @@ def main(argv=None):
   dtype = args.dtype if args.dtype != "auto" else ("float32" if backend == "cpu" else "bfloat16")
   torch_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
   torch.set_num_threads(args.threads or num_cores)
-  config = preset(PRESET, dtype=dtype, param_dtype=dtype)
+  config = preset(PRESET, dtype=dtype, param_dtype=dtype, matmul_dtype=args.matmul_dtype)
 
   env = {
       "python": platform.python_version(), "platform": platform.platform(),
@@ -430,7 +433,7 @@ def main(argv=None):
       "torch": torch.__version__, "transformers": version("transformers"),
       "jax_devices": [str(d) for d in jax.devices()], "jax_backend": backend,
       "torch_device": str(torch_device), "torch_threads": torch.get_num_threads(),
-      "dtype": dtype, "loadavg_start": os.getloadavg(),
+      "dtype": dtype, "matmul_dtype": args.matmul_dtype, "loadavg_start": os.getloadavg(),
   }
   print("# decode benchmark: SmolLM2-135M architecture, random weights")
   for k, v in env.items():
