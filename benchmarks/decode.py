@@ -184,9 +184,10 @@ class JaxSide:
         batch, length = prompts.shape
         cache = init_cache(config, batch, length + new_tokens, jnp.dtype(config.dtype))
         positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+        last = jnp.full((batch,), length - 1, jnp.int32)  # logits of the last token only
         logits, cache = Decoder(config).apply({"params": params}, prompts, positions=positions,
-                                              cache=cache)
-        return jnp.argmax(logits[:, -1], axis=-1), cache
+                                              cache=cache, logits_at=last)
+        return jnp.argmax(logits, axis=-1), cache
 
       self._prefill = prefill
     return self._prefill

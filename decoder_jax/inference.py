@@ -23,7 +23,7 @@ import numpy as np
 
 from decoder_jax import decoding
 from decoder_jax.data import tokenizers
-from decoder_jax.model import Decoder, ModelConfig, init_cache
+from decoder_jax.model import Decoder, ModelConfig, init_cache, layers
 from decoder_jax.train import checkpoint, optimizer, sharding, state as state_lib
 from decoder_jax.train.loop import MODEL_CONFIG_FILE
 
@@ -162,13 +162,19 @@ def check_request(model_config: ModelConfig, prompt_length: int, max_new_tokens:
         "ask for fewer tokens")
 
 
-def _tokens_to_logits(model_config: ModelConfig, params):
+def _model_fns(model_config: ModelConfig, params):
+  """(tokens_to_logits, prefill_to_logits) of decoding.generate for these params."""
   model = Decoder(model_config)
+  params = layers.round_matmul_kernels(params, model_config)  # once, before the loop
 
   def tokens_to_logits(tokens, positions, cache):
     return model.apply({"params": params}, tokens, positions=positions, cache=cache)
 
-  return tokens_to_logits
+  def prefill_to_logits(tokens, positions, cache, last):  # output layer at `last` only
+    return model.apply({"params": params}, tokens, positions=positions, cache=cache,
+                       logits_at=last)
+
+  return tokens_to_logits, prefill_to_logits
 
 
 def _empty_cache(model_config: ModelConfig, prompts, max_new_tokens: int):
@@ -182,11 +188,11 @@ def generate_tokens(params, prompts, prompt_lengths, rng, stop_ids=None, *,
                     model_config: ModelConfig, max_new_tokens: int, sampler, eos_id=None,
                     min_new_tokens: int = 0) -> decoding.DecodeResult:
   """Samples after right-padded prompts [batch, length] with a KV cache: one program."""
-  return decoding.generate(_tokens_to_logits(model_config, params),
-                           _empty_cache(model_config, prompts, max_new_tokens), prompts,
-                           prompt_lengths, max_new_tokens=max_new_tokens, sampler=sampler,
-                           rng=rng, eos_id=eos_id, stop_ids=stop_ids,
-                           min_new_tokens=min_new_tokens)
+  tokens_to_logits, prefill_to_logits = _model_fns(model_config, params)
+  return decoding.generate(tokens_to_logits, _empty_cache(model_config, prompts, max_new_tokens),
+                           prompts, prompt_lengths, max_new_tokens=max_new_tokens,
+                           sampler=sampler, rng=rng, eos_id=eos_id, stop_ids=stop_ids,
+                           min_new_tokens=min_new_tokens, prefill_to_logits=prefill_to_logits)
 
 
 @functools.partial(jax.jit, static_argnames=("model_config", "num_beams", "max_new_tokens",
@@ -195,12 +201,14 @@ def beam_search_tokens(params, prompts, prompt_lengths, *, model_config: ModelCo
                        num_beams: int, max_new_tokens: int, length_penalty: float = 1.0,
                        eos_id=None, min_new_tokens: int = 0):
   """Beam search after right-padded prompts: BeamResult with the beams best first."""
-  return decoding.beam_search(_tokens_to_logits(model_config, params),
+  tokens_to_logits, prefill_to_logits = _model_fns(model_config, params)
+  return decoding.beam_search(tokens_to_logits,
                               _empty_cache(model_config, prompts, max_new_tokens), prompts,
                               prompt_lengths, num_beams=num_beams, max_new_tokens=max_new_tokens,
                               length_penalty=length_penalty, eos_id=eos_id,
                               min_new_tokens=min_new_tokens,
-                              cache_batch_axis=1 if model_config.scan_layers else 0)
+                              cache_batch_axis=1 if model_config.scan_layers else 0,
+                              prefill_to_logits=prefill_to_logits)
 
 
 @functools.partial(jax.jit, static_argnames=("model_config",))

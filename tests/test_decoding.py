@@ -110,3 +110,29 @@ def test_sampler_validation():
   assert decoding.make_sampler(0.8) == decoding.Temperature(0.8)
   assert decoding.make_sampler(0.8, 5, 0.9) == decoding.TopP(0.9, 0.8, 5)
   assert decoding.make_sampler(0.8, 5) == decoding.TopK(5, 0.8)
+
+
+def test_prefill_at_the_last_positions_only_changes_nothing():
+  """inference's prefill_to_logits (output layer at each row's last prompt token only)
+  gives generate and beam_search the same results as full prompt logits."""
+  config = CONFIGS["llama"]
+  _, params = setup(config)
+  prompts, lengths = pad(RAGGED_PROMPTS)
+  tokens_to_logits, prefill_to_logits = inference._model_fns(config, params)
+
+  @functools.partial(jax.jit, static_argnums=(0, 1))
+  def both(search, prefill_fn):
+    cache = init_cache(config, prompts.shape[0], prompts.shape[1] + 6)
+    if search:
+      return decoding.beam_search(tokens_to_logits, cache, prompts, lengths, num_beams=3,
+                                  max_new_tokens=6, eos_id=2, prefill_to_logits=prefill_fn)
+    return decoding.generate(tokens_to_logits, cache, prompts, lengths, max_new_tokens=6,
+                             sampler=decoding.TopK(4), rng=jax.random.key(1), eos_id=2,
+                             prefill_to_logits=prefill_fn)
+
+  for search in (False, True):
+    full, last_only = both(search, None), both(search, prefill_to_logits)
+    np.testing.assert_array_equal(last_only.tokens, full.tokens)
+    np.testing.assert_array_equal(last_only.lengths, full.lengths)
+    extra = "scores" if search else "logprobs"
+    np.testing.assert_allclose(getattr(last_only, extra), getattr(full, extra), atol=1e-5)

@@ -187,3 +187,42 @@ def test_bfloat16_matmuls_train_like_float32():
                       for t in (grads, mixed_grads))
   cosine = flat @ mixed_flat / (jnp.linalg.norm(flat) * jnp.linalg.norm(mixed_flat))
   assert cosine > 0.999, cosine
+
+
+@pytest.mark.parametrize("bf16_operands", [False, True], ids=["float32", "bf16_operands"])
+def test_one_token_cache_attention_equals_the_einsum_path(bf16_operands):
+  """The one-token step's multiply-and-sum (attention.attend_cache) equals the two-einsum
+  attention on the same cache, and the cache layout [batch, kv_heads, slots, head_dim]
+  equals the [batch, slots, kv_heads, head_dim] one."""
+  from decoder_jax.model import attention
+  keys = jax.random.split(jax.random.key(5), 3)
+  q = jax.random.normal(keys[0], (3, 1, 4, 8))  # [b, 1, heads, d]
+  k, v = (jax.random.normal(key, (3, 2, 6, 8)) for key in keys[1:])  # [b, kv, slots, d]
+  if bf16_operands:  # as _write stores them
+    k, v = (x.astype(jnp.bfloat16).astype(jnp.float32) for x in (k, v))
+  positions = jnp.array([0, 3, 5])  # one row sees 1 slot, one all 6
+  mask = (jnp.arange(6)[None, :] <= positions[:, None])[:, None, :]  # [b, 1, slots]
+  step = jax.jit(attention.attend_cache, static_argnums=4)(q, k, v, mask, bf16_operands)
+  einsum = attention.einsum_attention(q, k, v, mask, bf16_operands, kv_layout="bksd")
+  other_layout = attention.einsum_attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask,
+                                            bf16_operands)
+  np.testing.assert_allclose(step, einsum, atol=1e-6)
+  np.testing.assert_allclose(other_layout, einsum, atol=1e-6)
+  # Row 0 sees only slot 0: its output is v at slot 0 of its kv head.
+  np.testing.assert_allclose(step[0, 0, :2], jnp.broadcast_to(v[0, 0, 0], (2, 8)), atol=1e-6)
+  with pytest.raises(ValueError, match="kv_layout"):
+    attention.einsum_attention(q, k, v, mask, kv_layout="bdks")
+
+
+def test_round_matmul_kernels_rounds_once_what_each_matmul_would():
+  from decoder_jax.model.layers import round_matmul_kernels
+  config = tiny(**MIXED)
+  model, params, tokens = init(config)
+  rounded = round_matmul_kernels(params, config)
+  paths = jax.tree_util.tree_flatten_with_path(rounded)[0]
+  assert {x.dtype for p, x in paths if p[-1].key == "kernel"} == {jnp.dtype(jnp.bfloat16)}
+  assert {x.dtype for p, x in paths if p[-1].key != "kernel"} == {jnp.dtype(jnp.float32)}
+  np.testing.assert_allclose(model.apply({"params": rounded}, tokens)[0],
+                             model.apply({"params": params}, tokens)[0], atol=1e-6)
+  plain = tiny(**{**MIXED, "matmul_dtype": None})
+  assert round_matmul_kernels(params, plain) is params  # float32 matmuls: untouched

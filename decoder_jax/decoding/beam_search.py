@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from decoder_jax.decoding.loop import prefill
+
 
 @struct.dataclass
 class BeamState:
@@ -77,8 +79,8 @@ def _validate(prompts, prompt_lengths, cache, num_beams, max_new_tokens, min_new
 
 def beam_search(tokens_to_logits: Callable, cache, prompts, prompt_lengths, *, num_beams: int,
                 max_new_tokens: int, length_penalty: float = 1.0, eos_id: int | None = None,
-                min_new_tokens: int = 0, pad_id: int = 0,
-                cache_batch_axis: int = 0) -> BeamResult:
+                min_new_tokens: int = 0, pad_id: int = 0, cache_batch_axis: int = 0,
+                prefill_to_logits: Callable | None = None) -> BeamResult:
   """Beam search after each prompt. Call it under jax.jit (num_beams, max_new_tokens static).
 
   prompts: int32 [batch, prompt_len], right-padded; prompt_lengths: int32 [batch] (>= 1).
@@ -91,7 +93,7 @@ def beam_search(tokens_to_logits: Callable, cache, prompts, prompt_lengths, *, n
   """
   _validate(prompts, prompt_lengths, cache, num_beams, max_new_tokens, min_new_tokens,
             cache_batch_axis)
-  batch, prompt_len = prompts.shape
+  batch = prompts.shape[0]
   beams, n_new = num_beams, max_new_tokens
   neg_inf = jnp.array(-jnp.inf, jnp.float32)
 
@@ -151,10 +153,9 @@ def beam_search(tokens_to_logits: Callable, cache, prompts, prompt_lengths, *, n
                      finished_lengths=fin_lengths, cache=cache)
 
   # Prefill once per prompt, then copy each prompt's cache rows to its beams.
-  positions = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), (batch, prompt_len))
-  logits, cache = tokens_to_logits(prompts, positions, cache)  # [batch, prompt_len, vocab]
-  last = (prompt_lengths - 1).astype(jnp.int32)  # [batch]
-  last_logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)  # [batch, 1, vocab]
+  last_logits, cache = prefill(tokens_to_logits, cache, prompts, prompt_lengths,
+                               prefill_to_logits)
+  last_logits = last_logits[:, None]  # [batch, 1, vocab]
   cache = jax.tree.map(lambda x: jnp.repeat(x, beams, axis=cache_batch_axis), cache)
   empty_tokens = jnp.full((batch, beams, n_new), pad_id, jnp.int32)
   empty_scores = jnp.full((batch, beams), neg_inf)

@@ -5,7 +5,13 @@ The model is reached only through
 
     tokens_to_logits(tokens [batch, T], positions [batch, T], cache) -> (logits [batch, T, vocab], cache)
 
-so this module works for any decoder whose cache is a pytree of static shape.
+so this module works for any decoder whose cache is a pytree of static shape. A model
+that can apply its output layer at one position per row may also pass
+
+    prefill_to_logits(prompts [batch, T], positions [batch, T], cache, last [batch])
+        -> (logits at each row's position `last` [batch, vocab], cache)
+
+which spares the [batch, T, vocab] logits of the prompt (the prefill's largest product).
 """
 
 from __future__ import annotations
@@ -58,9 +64,22 @@ def mask_stop_tokens(logits, stops):
   return jnp.where(is_stop, -jnp.inf, logits)
 
 
+def prefill(tokens_to_logits: Callable, cache, prompts, prompt_lengths,
+            prefill_to_logits: Callable | None = None):
+  """Runs right-padded prompts [batch, T] into the cache: (logits of each row's last
+  prompt token [batch, vocab], cache)."""
+  batch, prompt_len = prompts.shape
+  positions = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), (batch, prompt_len))
+  last = (prompt_lengths - 1).astype(jnp.int32)  # [batch]
+  if prefill_to_logits is not None:
+    return prefill_to_logits(prompts, positions, cache, last)
+  logits, cache = tokens_to_logits(prompts, positions, cache)  # [batch, T, vocab]
+  return jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0], cache
+
+
 def generate(tokens_to_logits: Callable, cache, prompts, prompt_lengths, *, max_new_tokens: int,
              sampler, rng, eos_id: int | None = None, stop_ids=None, min_new_tokens: int = 0,
-             pad_id: int = 0) -> DecodeResult:
+             pad_id: int = 0, prefill_to_logits: Callable | None = None) -> DecodeResult:
   """Decodes up to `max_new_tokens` after each prompt. Call it under jax.jit.
 
   prompts: int32 [batch, prompt_len], right-padded; prompt_lengths: int32 [batch] (>= 1).
@@ -74,7 +93,7 @@ def generate(tokens_to_logits: Callable, cache, prompts, prompt_lengths, *, max_
   if not 0 <= min_new_tokens <= max_new_tokens:
     raise ValueError(f"min_new_tokens must be in [0, max_new_tokens={max_new_tokens}], "
                      f"got {min_new_tokens}")
-  batch, prompt_len = prompts.shape
+  batch = prompts.shape[0]
   stops = stop_table(batch, eos_id, stop_ids)  # [batch, num_stop]
 
   def choose(logits, step_rng, step, done):
@@ -88,10 +107,8 @@ def generate(tokens_to_logits: Callable, cache, prompts, prompt_lengths, *, max_
     done = done | jnp.any(token[:, None] == stops, axis=1)
     return token, logprob, done
 
-  positions = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), (batch, prompt_len))
-  logits, cache = tokens_to_logits(prompts, positions, cache)  # [batch, prompt_len, vocab]
-  last = prompt_lengths - 1  # [batch]
-  last_logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]  # [batch, vocab]
+  last_logits, cache = prefill(tokens_to_logits, cache, prompts, prompt_lengths,
+                               prefill_to_logits)  # [batch, vocab]
   rng, first_rng = jax.random.split(rng)
   first, first_logprob, done = choose(last_logits, first_rng, 0, jnp.zeros((batch,), bool))
   state = DecodeState(

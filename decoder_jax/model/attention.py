@@ -1,12 +1,17 @@
 """Causal self-attention (multi-head or grouped-query) with an explicit KV cache.
 
-The cache for one layer is a dict {"k", "v"}: [batch, cache_length, kv_heads, head_dim].
-Slot s of a row holds the key/value of that row's token at absolute position s, so rows
-of a ragged batch each keep their own positions. A query at position p sees slots <= p;
+The cache for one layer is a dict {"k", "v"}: [batch, kv_heads, cache_length, head_dim],
+the layout the attention products read (heads as a batch axis, then slots); a
+[batch, length, kv_heads, head_dim] cache made XLA copy every layer's whole cache into
+this layout at every decode step (31% of a batch-64 SmolLM2-135M step on CPU). Slot s of
+a row holds the key/value of that row's token at absolute position s, so rows of a
+ragged batch each keep their own positions. A query at position p sees slots <= p;
 slots beyond a row's current position may hold stale values and are never visible.
 """
 
 from __future__ import annotations
+
+import functools
 
 import flax.linen as nn
 import jax
@@ -17,15 +22,23 @@ from decoder_jax.model.config import ModelConfig
 
 
 def init_layer_cache(config: ModelConfig, batch: int, length: int, dtype) -> dict:
-  shape = (batch, length, config.kv_heads, config.head_dim)
+  shape = (batch, config.kv_heads, length, config.head_dim)
   return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
-def _write(cache_kv, new_kv, start):
-  """Writes new_kv [batch, T, K, H] into cache_kv [batch, S, K, H] at per-row start [batch]."""
-  def one_row(c, n, s):
-    return jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (s, 0, 0))
-  return jax.vmap(one_row)(cache_kv, new_kv, start)
+def _write(cache_kv, new_kv, start, round_to_bf16: bool = False):
+  """Writes new_kv [batch, T, K, H] into cache_kv [batch, K, S, H] at per-row start [batch].
+
+  `round_to_bf16`: store the values rounded to bfloat16 (in the cache's own dtype), as
+  bfloat16-operand attention would read them; a one-token step then reads the cache
+  without converting it. (A bfloat16 cache would be half the memory, but XLA's CPU
+  backend widens a bfloat16 scatter to float32, converting the whole cache twice.)
+  """
+  if round_to_bf16:
+    new_kv = new_kv.astype(jnp.bfloat16)
+  def one_row(c, n, s):  # c: [K, S, H]; n: [K, T, H]
+    return jax.lax.dynamic_update_slice(c, n, (0, s, 0))
+  return jax.vmap(one_row)(cache_kv, new_kv.astype(cache_kv.dtype).swapaxes(1, 2), start)
 
 
 def cudnn_supports(dtype, head_dim: int) -> bool:
@@ -46,43 +59,71 @@ def resolve_implementation(name: str, dtype="bfloat16", head_dim: int = 64,
   return name
 
 
-def einsum_attention(q, k, v, mask, bf16_operands: bool = False):
+def einsum_attention(q, k, v, mask, bf16_operands: bool = False, kv_layout: str = "bskd"):
   """Attention written out as two einsums: q [batch, length, heads, head_dim]; k, v
-  [batch, keys, kv_heads, head_dim]; mask bool, broadcastable to [batch, length, keys]
-  (True: may attend) -> [batch, length, heads, head_dim]. Scores and softmax in float32.
+  [batch, keys, kv_heads, head_dim] (kv_layout "bskd") or [batch, kv_heads, keys, head_dim]
+  ("bksd", the cache's layout); mask bool, broadcastable to [batch, length, keys] (True:
+  may attend) -> [batch, length, heads, head_dim]. Scores and softmax in float32.
   Grouped-query heads are a reshape of q (no copies of k and v). attention_impl="einsum".
   `bf16_operands`: both einsums on bfloat16-rounded operands (layers.mixed_einsum).
   """
+  if kv_layout not in ("bskd", "bksd"):
+    raise ValueError(f"kv_layout must be 'bskd' or 'bksd', got {kv_layout!r}")
   batch, length, heads, head_dim = q.shape
-  kv_heads = k.shape[2]
+  kv_heads = k.shape[kv_layout.index("k")]
   q = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)  # [b, t, kv, group, d]
-  if bf16_operands:
-    scores = layers.mixed_einsum("btkgd,bskd->bkgts", q, k)
-  else:
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-  scores = scores * head_dim**-0.5  # [b, kv, g, t, s]
+  einsum = layers.mixed_einsum if bf16_operands else functools.partial(
+      jnp.einsum, preferred_element_type=jnp.float32)
+  scores = einsum(f"btkgd,{kv_layout}->bkgts", q, k)  # float32 [b, kv, g, t, s]
+  scores = scores * head_dim**-0.5
   scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  if bf16_operands:
-    out = layers.mixed_einsum("bkgts,bskd->btkgd", probs, v).astype(v.dtype)
+  if kv_layout == "bskd":
+    out = einsum("bkgts,bskd->btkgd", probs, v)  # [b, t, kv, group, d]
   else:
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)  # [b, t, kv, group, d]
-  return out.reshape(batch, length, heads, head_dim)
+    # Product in XLA's natural order, then transposed: with bf16 operands, XLA's CPU
+    # backend fails at run time on "bkgts,bksd->btkgd" for some shapes (Unsupported
+    # element type for DotThunk, 9 of 64 small shapes tried) and on none this way.
+    out = einsum("bkgts,bksd->bkgtd", probs, v).transpose(0, 3, 1, 2, 4)
+  return out.astype(q.dtype).reshape(batch, length, heads, head_dim)
 
 
-def attend(q, k, v, implementation, mask=None, bf16_operands: bool = False):
-  """Causal self-attention (mask None) or masked attention over a cache, by implementation.
-  `bf16_operands` applies to the einsum implementation only."""
+def attend(q, k, v, implementation, bf16_operands: bool = False):
+  """Causal self-attention: q [batch, length, heads, head_dim], k and v [batch, length,
+  kv_heads, head_dim], by implementation. `bf16_operands` applies to "einsum" only."""
   if implementation == "einsum":
-    if mask is None:
-      mask = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))[None]  # [1, length, keys]
+    mask = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))[None]  # [1, length, keys]
     return einsum_attention(q, k, v, mask, bf16_operands)
-  if mask is None:
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
-  # The masked (cache) path runs through XLA: cuDNN wants causal/padding masks only.
-  return jax.nn.dot_product_attention(
-      q, k, v, mask=mask[:, None],
-      implementation="xla" if implementation == "cudnn" else implementation)
+  return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
+
+
+def attend_cache(q, k, v, mask, bf16_operands: bool = False):
+  """Masked attention over a cache, for every attention_impl: q [batch, length, heads,
+  head_dim]; k, v in the cache layout [batch, kv_heads, slots, head_dim]; mask [batch,
+  length, slots]. cuDNN's fused kernel takes causal/padding masks only, so the cache path
+  is written out (jax.nn.dot_product_attention's "xla" path is the same two products).
+
+  A one-token step (length 1) multiplies probabilities into V and sums over slots instead
+  of a dot: XLA's CPU dot over [batch * kv_heads] tiny matrices ran at ~2 GB/s of cache
+  read, 4x slower than the fused multiply-sum (SmolLM2-135M, batch 64, 288 slots).
+  """
+  if q.shape[1] != 1:
+    return einsum_attention(q, k, v, mask, bf16_operands, kv_layout="bksd")
+  batch, _, heads, head_dim = q.shape
+  kv_heads, out_dtype = k.shape[1], q.dtype
+  q = q.reshape(batch, 1, kv_heads, heads // kv_heads, head_dim)  # [b, 1, kv, group, d]
+  if bf16_operands:  # k and v were rounded when written (_write); float32 sums
+    q = q.astype(jnp.bfloat16)
+  # (Spelled with the length axis: XLA then computes k @ q^T, which runs ~3x faster
+  # here than q @ k^T.)
+  scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
+  scores = scores[:, :, :, 0] * head_dim**-0.5  # [b, kv, g, s]
+  scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)  # mask [b, 1, s]
+  probs = jax.nn.softmax(scores, axis=-1)
+  if bf16_operands:
+    probs = probs.astype(jnp.bfloat16)
+  out = (probs[..., None].astype(jnp.float32) * v[:, :, None].astype(jnp.float32)).sum(axis=3)
+  return out.astype(out_dtype).reshape(batch, 1, heads, head_dim)  # from [b, kv, g, d]
 
 
 class SelfAttention(nn.Module):
@@ -119,11 +160,11 @@ class SelfAttention(nn.Module):
       new_cache = None
     else:
       start = positions[:, 0]  # [batch]; the chunk's positions are contiguous
-      new_cache = {"k": _write(cache["k"], k, start), "v": _write(cache["v"], v, start)}
-      slots = jnp.arange(new_cache["k"].shape[1])  # [cache_length]
+      new_cache = {"k": _write(cache["k"], k, start, mixed), "v": _write(cache["v"], v, start, mixed)}
+      slots = jnp.arange(new_cache["k"].shape[2])  # [cache_length]
       mask = slots[None, None, :] <= positions[:, :, None]  # [batch, length, cache_length]
-      out = attend(q, new_cache["k"].astype(q.dtype), new_cache["v"].astype(q.dtype),
-                   implementation, mask, bf16_operands=mixed)
+      out = attend_cache(q, new_cache["k"].astype(q.dtype), new_cache["v"].astype(q.dtype),
+                         mask, bf16_operands=mixed)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
     out = layers.dense(cfg.width, ("heads", "kv", "embed"), cfg, layers.residual_std(cfg),
                        "out", deterministic=det)(out)  # [batch, length, embed]

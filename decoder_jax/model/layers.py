@@ -108,6 +108,17 @@ def bf16_matmuls(config: ModelConfig) -> bool:
   return config.matmul_dtype == "bfloat16" and jnp.dtype(config.dtype) == jnp.float32
 
 
+def round_matmul_kernels(params, config: ModelConfig):
+  """params with every Dense kernel rounded to bfloat16 once, when bf16_matmuls(config):
+  the same numbers each matmul would round them to. A decode loop that closes over these
+  stops converting every weight at every step."""
+  if not bf16_matmuls(config):
+    return params
+  def cast(path, x):
+    return x.astype(jnp.bfloat16) if getattr(path[-1], "key", None) == "kernel" else x
+  return jax.tree_util.tree_map_with_path(cast, params)
+
+
 class Dense(nn.Module):
   """x [..., *in_shape] -> [..., *out_shape] with kernel [*in_shape, *out_shape].
 

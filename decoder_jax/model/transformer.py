@@ -141,7 +141,7 @@ class Decoder(nn.Module):
 def init_cache(config: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> dict:
   """An empty KV cache for `batch` rows of up to `length` positions.
 
-  {"layers": per-layer {"k", "v"}: [batch, length, kv_heads, head_dim]}; with
+  {"layers": per-layer {"k", "v"}: [batch, kv_heads, length, head_dim]}; with
   scan_layers the per-layer dicts are stacked on a leading [layers] axis.
   """
   if length > config.max_length and not config.use_rope:
