@@ -160,7 +160,8 @@ class SelfAttention(nn.Module):
       new_cache = None
     else:
       start = positions[:, 0]  # [batch]; the chunk's positions are contiguous
-      new_cache = {"k": _write(cache["k"], k, start, mixed), "v": _write(cache["v"], v, start, mixed)}
+      new_cache = {"k": _write(cache["k"], k, start, mixed),
+                   "v": _write(cache["v"], v, start, mixed)}
       slots = jnp.arange(new_cache["k"].shape[2])  # [cache_length]
       mask = slots[None, None, :] <= positions[:, :, None]  # [batch, length, cache_length]
       out = attend_cache(q, new_cache["k"].astype(q.dtype), new_cache["v"].astype(q.dtype),
