@@ -280,3 +280,51 @@ def test_profile_steps_writes_a_trace(data_dir, tmp_path):
   traces = [os.path.join(root, f) for root, _, files in os.walk(tmp_path / "w" / "profile")
             for f in files if f.endswith((".xplane.pb", ".trace.json.gz"))]
   assert traces, os.listdir(tmp_path / "w")
+
+
+# Data-parallel steps on two CPU devices, dispatched as fast as the host can: XLA's CPU
+# runtime deadlocks in the all-reduce once dozens of steps are queued (it aborts the
+# process after 40 s). argv[1]: InFlightSteps' limit.
+QUEUED_STEPS_SCRIPT = """
+import sys
+import jax, jax.numpy as jnp, numpy as np
+jax.config.update("jax_num_cpu_devices", 2)
+from jax.sharding import NamedSharding, PartitionSpec as P
+from decoder_jax.train.loop import InFlightSteps
+mesh = jax.make_mesh((2,), ("data",))
+w = jax.device_put(jnp.full((256, 256), 0.01), NamedSharding(mesh, P()))
+rows = NamedSharding(mesh, P("data"))
+xs = [jax.device_put(np.random.default_rng(i).normal(size=(512, 256)).astype(np.float32), rows)
+      for i in range(50)]
+
+@jax.jit
+def step(w, x):  # x: [512 rows split over the devices, 256]; the gradient is all-reduced
+  g = jax.grad(lambda w: jnp.tanh(x @ w @ w).sum())(w)
+  return w - 1e-3 * g, g.sum()
+
+in_flight = InFlightSteps(int(sys.argv[1]))
+for i in range(400):
+  w, out = step(w, xs[i % len(xs)])
+  in_flight.add(out)
+print("finished", float(out))
+"""
+
+
+def test_in_flight_steps_keep_two_device_data_parallel_from_deadlocking():
+  # Without the bound (limit 10**6) this script aborts in XLA's all-reduce on a 2-core
+  # machine after 50-150 steps; with the loop's default it finishes.
+  done = subprocess.run([sys.executable, "-c", QUEUED_STEPS_SCRIPT, "2"], cwd=REPO,
+                        env={**os.environ, "XLA_FLAGS": "", "PYTHONPATH": str(REPO)},
+                        capture_output=True, text=True, timeout=240)
+  assert done.returncode == 0 and "finished" in done.stdout, done.stderr[-2000:]
+
+
+def test_in_flight_steps_waits_for_the_oldest_beyond_its_limit(monkeypatch):
+  waited = []
+  monkeypatch.setattr(loop.jax, "block_until_ready", waited.append)
+  in_flight = loop.InFlightSteps(2)
+  for i in range(5):
+    in_flight.add(i)
+  assert waited == [0, 1, 2]
+  with pytest.raises(ValueError, match="at least 1"):
+    loop.InFlightSteps(0)
