@@ -152,9 +152,12 @@ class JaxSide:
     batch = prompts.shape[0]
     args = self._inputs(prompts)
     t0 = time.perf_counter()
+    extra = {}
+    if self.args.cache_block is not None:  # 0: one full-length cache
+      extra["cache_block"] = self.args.cache_block or None
     lowered = self.fn.lower(self.params, *args, model_config=self.config,
                             max_new_tokens=self.args.new_tokens, sampler=decoding.Greedy(),
-                            eos_id=None)
+                            eos_id=None, **extra)
     t1 = time.perf_counter()
     compiled = lowered.compile()
     t2 = time.perf_counter()
@@ -371,6 +374,9 @@ def parse_args(argv=None):
   ap.add_argument("--matmul_dtype", default=None, choices=(None, "bfloat16"),
                   help="decoder_jax's model.matmul_dtype (bfloat16: projection operands "
                        "rounded, float32 sums; the HF side stays in --dtype)")
+  ap.add_argument("--cache_block", type=int, default=None,
+                  help="decoder_jax's generate_tokens cache_block (0: one full-length cache; "
+                       "default: generate_tokens' own default)")
   ap.add_argument("--hf_dynamic", action="store_true", help="also time HF's default dynamic "
                   "cache")
   ap.add_argument("--skip_jax", action="store_true")

@@ -23,7 +23,7 @@ import numpy as np
 
 from decoder_jax import decoding
 from decoder_jax.data import tokenizers
-from decoder_jax.model import Decoder, ModelConfig, init_cache, layers
+from decoder_jax.model import Decoder, ModelConfig, init_cache, layers, resize_cache
 from decoder_jax.train import checkpoint, optimizer, sharding, state as state_lib
 from decoder_jax.train.loop import MODEL_CONFIG_FILE
 
@@ -183,16 +183,24 @@ def _empty_cache(model_config: ModelConfig, prompts, max_new_tokens: int):
 
 
 @functools.partial(jax.jit, static_argnames=("model_config", "max_new_tokens", "sampler",
-                                             "eos_id", "min_new_tokens"))
+                                             "eos_id", "min_new_tokens", "cache_block"))
 def generate_tokens(params, prompts, prompt_lengths, rng, stop_ids=None, *,
                     model_config: ModelConfig, max_new_tokens: int, sampler, eos_id=None,
-                    min_new_tokens: int = 0) -> decoding.DecodeResult:
-  """Samples after right-padded prompts [batch, length] with a KV cache: one program."""
+                    min_new_tokens: int = 0,
+                    cache_block: int | None = None) -> decoding.DecodeResult:
+  """Samples after right-padded prompts [batch, length] with a KV cache: one program.
+
+  `cache_block`: grow the cache this many slots at a time (decoding.generate). Every step
+  reads its whole cache, so this reads fewer slots, but compiles one loop body per stage:
+  SmolLM2-135M, batch 64, 32 + 256 tokens, 2-core CPU: 315 -> 262 ms per token with 64,
+  compile 8.7 -> 29 s. Worth it when one program decodes many batches. None: one
+  full-length cache."""
   tokens_to_logits, prefill_to_logits = _model_fns(model_config, params)
   return decoding.generate(tokens_to_logits, _empty_cache(model_config, prompts, max_new_tokens),
                            prompts, prompt_lengths, max_new_tokens=max_new_tokens,
                            sampler=sampler, rng=rng, eos_id=eos_id, stop_ids=stop_ids,
-                           min_new_tokens=min_new_tokens, prefill_to_logits=prefill_to_logits)
+                           min_new_tokens=min_new_tokens, prefill_to_logits=prefill_to_logits,
+                           cache_block=cache_block, resize_cache=resize_cache)
 
 
 @functools.partial(jax.jit, static_argnames=("model_config", "num_beams", "max_new_tokens",

@@ -1,5 +1,6 @@
 """The KV-cache while_loop decoder against repeated full forward passes."""
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from decoder_jax import decoding, inference
-from decoder_jax.model import Decoder, ModelConfig, init_cache
+from decoder_jax.model import Decoder, ModelConfig, init_cache, resize_cache
 
 CONFIGS = {
     "gpt2": ModelConfig(family="gpt2", vocab_size=19, num_layers=2, num_heads=2, width=16,
@@ -136,3 +137,60 @@ def test_prefill_at_the_last_positions_only_changes_nothing():
     np.testing.assert_array_equal(last_only.lengths, full.lengths)
     extra = "scores" if search else "logprobs"
     np.testing.assert_allclose(getattr(last_only, extra), getattr(full, extra), atol=1e-5)
+
+
+def test_cache_stages_grow_by_block_from_the_prompt():
+  assert decoding.loop.cache_stages(32, 288, 64) == [64, 128, 192, 256, 288]
+  assert decoding.loop.cache_stages(63, 300, 64) == [64, 128, 192, 256, 300]
+  assert decoding.loop.cache_stages(64, 300, 64) == [128, 192, 256, 300]
+  assert decoding.loop.cache_stages(100, 120, 64) == [120]  # one stage: the whole cache
+  with pytest.raises(ValueError, match="cache_block"):
+    decoding.loop.cache_stages(8, 16, 0)
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_resize_cache_cuts_or_zero_pads_the_slot_axis(scan_layers):
+  config = dataclasses.replace(CONFIGS["llama"], scan_layers=scan_layers)
+  cache = jax.tree.map(lambda a: jax.random.normal(jax.random.key(0), a.shape),
+                       init_cache(config, 3, 8))
+  cut, grown = resize_cache(cache, 5), resize_cache(cache, 11)
+  for old, short, long in zip(*(jax.tree.leaves(c) for c in (cache, cut, grown))):
+    assert short.shape[-2] == 5 and long.shape[-2] == 11  # [(layers,) b, kv, slots, d]
+    np.testing.assert_array_equal(short, old[..., :5, :])
+    np.testing.assert_array_equal(long[..., :8, :], old)
+    assert not np.any(long[..., 8:, :])
+
+
+@pytest.mark.parametrize("name,scan_layers", [("llama", False), ("gpt2", True)])
+def test_growing_cache_decodes_as_one_full_length_cache(name, scan_layers):
+  """generate_tokens with cache_block=3 runs four loops over caches of 9, 12, 15 and 16
+  slots (prompt width 6, 10 new tokens) and gives the tokens, lengths and logprobs of one
+  16-slot cache: ragged prompts, sampling, a stop token, min_new_tokens."""
+  config = dataclasses.replace(CONFIGS[name], scan_layers=scan_layers)
+  _, params = setup(config)
+  prompts, lengths = pad(RAGGED_PROMPTS)
+
+  def run(cache_block, eos_id=None):
+    return inference.generate_tokens(
+        params, prompts, lengths, jax.random.key(3), model_config=config, max_new_tokens=10,
+        sampler=decoding.TopK(4), eos_id=eos_id, min_new_tokens=2, cache_block=cache_block)
+
+  eos = int(run(None).tokens[0, 6])  # row 0 stops in the third stage
+  full, staged = run(None, eos), run(3, eos)
+  np.testing.assert_array_equal(staged.tokens, full.tokens)
+  np.testing.assert_array_equal(staged.lengths, full.lengths)
+  np.testing.assert_allclose(staged.logprobs, full.logprobs, atol=1e-5)
+  assert int(full.lengths.min()) < 10  # some row stopped early
+  loops = str(jax.make_jaxpr(lambda p: run(3).tokens)(params)).count("while[")
+  assert loops == len(decoding.loop.cache_stages(6, 16, 3)) == 4
+
+
+def test_cache_block_without_resize_is_refused():
+  config = CONFIGS["gpt2"]
+  _, params = setup(config)
+  prompts, lengths = pad(RAGGED_PROMPTS)
+  tokens_to_logits, _ = inference._model_fns(config, params)
+  with pytest.raises(ValueError, match="resize_cache"):
+    decoding.generate(tokens_to_logits, init_cache(config, 4, 16), prompts, lengths,
+                      max_new_tokens=10, sampler=decoding.Greedy(), rng=jax.random.key(0),
+                      cache_block=4)

@@ -11,11 +11,17 @@ that can apply its output layer at one position per row may also pass
     prefill_to_logits(prompts [batch, T], positions [batch, T], cache, last [batch])
         -> (logits at each row's position `last` [batch, vocab], cache)
 
-which spares the [batch, T, vocab] logits of the prompt (the prefill's largest product).
+which spares the [batch, T, vocab] logits of the prompt (the prefill's largest product),
+and a model whose cache works at any number of slots may pass `cache_block` with
+
+    resize_cache(cache, slots) -> the cache with `slots` slots (cut or zero-padded)
+
+to decode with a cache that grows `cache_block` slots at a time (see generate).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -77,9 +83,20 @@ def prefill(tokens_to_logits: Callable, cache, prompts, prompt_lengths,
   return jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0], cache
 
 
+def cache_stages(prompt_len: int, total: int, block: int) -> list[int]:
+  """Slot counts of a cache grown `block` slots at a time, up to `total`: the first holds
+  the prompt and the next token; each stage serves the steps whose positions fit in it."""
+  if block < 1:
+    raise ValueError(f"cache_block must be >= 1, got {block}")
+  first = min(total, -(-(prompt_len + 1) // block) * block)
+  return list(range(first, total, block)) + [total]
+
+
 def generate(tokens_to_logits: Callable, cache, prompts, prompt_lengths, *, max_new_tokens: int,
              sampler, rng, eos_id: int | None = None, stop_ids=None, min_new_tokens: int = 0,
-             pad_id: int = 0, prefill_to_logits: Callable | None = None) -> DecodeResult:
+             pad_id: int = 0, prefill_to_logits: Callable | None = None,
+             cache_block: int | None = None,
+             resize_cache: Callable | None = None) -> DecodeResult:
   """Decodes up to `max_new_tokens` after each prompt. Call it under jax.jit.
 
   prompts: int32 [batch, prompt_len], right-padded; prompt_lengths: int32 [batch] (>= 1).
@@ -87,6 +104,12 @@ def generate(tokens_to_logits: Callable, cache, prompts, prompt_lengths, *, max_
   stop_ids: optional int32 [batch, num_stop] extra stop tokens per row (-1 = none); a row
   stops after emitting eos_id or one of its stop tokens, but not before min_new_tokens.
   Each row continues from its own length, so a ragged batch decodes as each row alone.
+
+  cache_block (with resize_cache): a step reads every slot of the cache, so instead of one
+  loop over a full-length cache, run one loop per stage of cache_stages(prompt_len,
+  prompt_len + max_new_tokens, cache_block), growing the cache between stages: the
+  same tokens, with each step reading about as many slots as positions are filled
+  (one loop body compiled per stage).
   """
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -107,6 +130,12 @@ def generate(tokens_to_logits: Callable, cache, prompts, prompt_lengths, *, max_
     done = done | jnp.any(token[:, None] == stops, axis=1)
     return token, logprob, done
 
+  stages = [None]  # one loop over the cache as given
+  if cache_block is not None:
+    if resize_cache is None:
+      raise ValueError("cache_block needs resize_cache (how to cut or grow the cache)")
+    stages = cache_stages(prompts.shape[1], prompts.shape[1] + max_new_tokens, cache_block)
+    cache = resize_cache(cache, stages[0])
   last_logits, cache = prefill(tokens_to_logits, cache, prompts, prompt_lengths,
                                prefill_to_logits)  # [batch, vocab]
   rng, first_rng = jax.random.split(rng)
@@ -118,8 +147,10 @@ def generate(tokens_to_logits: Callable, cache, prompts, prompt_lengths, *, max_
       logprobs=jnp.zeros((batch, max_new_tokens), jnp.float32).at[:, 0].set(first_logprob),
       done=done, cache=cache, rng=rng)
 
-  def cond(s: DecodeState):
-    return (s.step < max_new_tokens) & ~jnp.all(s.done)
+  def cond(slots, s: DecodeState):
+    going = (s.step < max_new_tokens) & ~jnp.all(s.done)
+    # The next step writes slot `position` of each row: it must exist in this stage.
+    return going if slots is None else going & (jnp.max(s.position) < slots)
 
   def body(s: DecodeState):
     logits, cache = tokens_to_logits(s.last_token[:, None], s.position[:, None], s.cache)
@@ -131,7 +162,10 @@ def generate(tokens_to_logits: Callable, cache, prompts, prompt_lengths, *, max_
         logprobs=jax.lax.dynamic_update_slice(s.logprobs, logprob[:, None], (0, s.step)),
         done=done, cache=cache, rng=rng)
 
-  state = jax.lax.while_loop(cond, body, state)
+  for i, slots in enumerate(stages):
+    if i:
+      state = state.replace(cache=resize_cache(state.cache, slots))
+    state = jax.lax.while_loop(functools.partial(cond, slots), body, state)
   # A row's length: up to and including its first stop token, else every step taken.
   is_stop = jnp.any(state.generated[:, :, None] == stops[:, None, :], axis=2)  # [batch, max_new]
   first_stop = jnp.argmax(is_stop, axis=1)

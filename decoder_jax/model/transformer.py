@@ -152,3 +152,16 @@ def init_cache(config: ModelConfig, batch: int, length: int, dtype=jnp.float32) 
     return {"layers": stacked}
   return {"layers": [attention.init_layer_cache(config, batch, length, dtype)
                      for _ in range(config.num_layers)]}
+
+
+def resize_cache(cache: dict, length: int) -> dict:
+  """`cache` (from init_cache) with `length` slots: cut, or zero-padded at the end. Slots
+  beyond a row's position are never read, so a cache grown this way decodes as one
+  allocated at full length."""
+  def one(a):  # [..., slots, head_dim]
+    slots = a.shape[-2]
+    if length <= slots:
+      return a[..., :length, :]
+    return jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, length - slots), (0, 0)])
+  return jax.tree.map(one, cache)
+
