@@ -328,3 +328,32 @@ def test_in_flight_steps_waits_for_the_oldest_beyond_its_limit(monkeypatch):
   assert waited == [0, 1, 2]
   with pytest.raises(ValueError, match="at least 1"):
     loop.InFlightSteps(0)
+
+
+class _CountingSource:
+  """An iterator over 0, 1, ..., n-1 with a grain-style get_state."""
+
+  def __init__(self, n):
+    self.position, self.n = 0, n
+
+  def __next__(self):
+    if self.position == self.n:
+      raise StopIteration
+    self.position += 1
+    return self.position - 1
+
+  def get_state(self):
+    return {"position": self.position}
+
+
+def test_device_prefetch_reads_one_ahead_and_reports_the_unread_state():
+  source = _CountingSource(3)
+  moved = []
+  batches = loop.DevicePrefetch(source, lambda b: moved.append(b) or b * 10)
+  assert batches.get_state() == {"position": 0}
+  assert next(batches) == 0 and moved == [0, 1]  # batch 1 already handed over
+  assert batches.get_state() == {"position": 1}  # a resume must start at batch 1
+  assert [next(batches), next(batches)] == [10, 20]
+  assert batches.get_state() == {"position": 3}
+  with pytest.raises(StopIteration):
+    next(batches)
