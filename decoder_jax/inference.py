@@ -204,11 +204,13 @@ def generate_tokens(params, prompts, prompt_lengths, rng, stop_ids=None, *,
 
 
 @functools.partial(jax.jit, static_argnames=("model_config", "num_beams", "max_new_tokens",
-                                             "length_penalty", "eos_id", "min_new_tokens"))
+                                             "length_penalty", "eos_id", "min_new_tokens",
+                                             "cache_block"))
 def beam_search_tokens(params, prompts, prompt_lengths, *, model_config: ModelConfig,
                        num_beams: int, max_new_tokens: int, length_penalty: float = 1.0,
-                       eos_id=None, min_new_tokens: int = 0):
-  """Beam search after right-padded prompts: BeamResult with the beams best first."""
+                       eos_id=None, min_new_tokens: int = 0, cache_block: int | None = None):
+  """Beam search after right-padded prompts: BeamResult with the beams best first.
+  `cache_block`: as in generate_tokens."""
   tokens_to_logits, prefill_to_logits = _model_fns(model_config, params)
   return decoding.beam_search(tokens_to_logits,
                               _empty_cache(model_config, prompts, max_new_tokens), prompts,
@@ -216,7 +218,8 @@ def beam_search_tokens(params, prompts, prompt_lengths, *, model_config: ModelCo
                               length_penalty=length_penalty, eos_id=eos_id,
                               min_new_tokens=min_new_tokens,
                               cache_batch_axis=1 if model_config.scan_layers else 0,
-                              prefill_to_logits=prefill_to_logits)
+                              prefill_to_logits=prefill_to_logits, cache_block=cache_block,
+                              resize_cache=resize_cache)
 
 
 @functools.partial(jax.jit, static_argnames=("model_config",))

@@ -194,3 +194,23 @@ def test_cache_block_without_resize_is_refused():
     decoding.generate(tokens_to_logits, init_cache(config, 4, 16), prompts, lengths,
                       max_new_tokens=10, sampler=decoding.Greedy(), rng=jax.random.key(0),
                       cache_block=4)
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_growing_cache_beam_search_finds_the_same_beams(scan_layers):
+  """beam_search_tokens with cache_block=3 (four loops, the cache reordered after the
+  beams' parents in each) returns the beams of one full-length cache."""
+  config = dataclasses.replace(CONFIGS["llama"], scan_layers=scan_layers)
+  _, params = setup(config)
+  prompts, lengths = pad(RAGGED_PROMPTS)
+
+  def run(cache_block):
+    return inference.beam_search_tokens(params, prompts, lengths, model_config=config,
+                                        num_beams=3, max_new_tokens=10, eos_id=2,
+                                        min_new_tokens=1, cache_block=cache_block)
+
+  full, staged = run(None), run(3)
+  np.testing.assert_array_equal(staged.tokens, full.tokens)
+  np.testing.assert_array_equal(staged.lengths, full.lengths)
+  np.testing.assert_allclose(staged.scores, full.scores, atol=1e-5)
+  assert str(jax.make_jaxpr(lambda p: run(3).tokens)(params)).count("while[") == 4

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from decoder_jax.decoding.loop import prefill
+from decoder_jax.decoding.loop import first_stage, prefill, staged_while_loop
 
 
 @struct.dataclass
@@ -80,7 +80,8 @@ def _validate(prompts, prompt_lengths, cache, num_beams, max_new_tokens, min_new
 def beam_search(tokens_to_logits: Callable, cache, prompts, prompt_lengths, *, num_beams: int,
                 max_new_tokens: int, length_penalty: float = 1.0, eos_id: int | None = None,
                 min_new_tokens: int = 0, pad_id: int = 0, cache_batch_axis: int = 0,
-                prefill_to_logits: Callable | None = None) -> BeamResult:
+                prefill_to_logits: Callable | None = None, cache_block: int | None = None,
+                resize_cache: Callable | None = None) -> BeamResult:
   """Beam search after each prompt. Call it under jax.jit (num_beams, max_new_tokens static).
 
   prompts: int32 [batch, prompt_len], right-padded; prompt_lengths: int32 [batch] (>= 1).
@@ -88,6 +89,8 @@ def beam_search(tokens_to_logits: Callable, cache, prompts, prompt_lengths, *, n
     prompt_len + max_new_tokens positions; its batch axis is `cache_batch_axis` in every
     leaf (1 for caches stacked over layers).
   min_new_tokens: eos is masked until that many tokens have been generated.
+  cache_block, resize_cache: grow the cache block by block, as in loop.generate (each step
+    also reorders the whole cache after the beams' parents, so both read less).
   Slots with score -inf hold no hypothesis (num_beams exceeds the possible continuations):
   their tokens are pad_id and their length 0.
   """
@@ -153,6 +156,8 @@ def beam_search(tokens_to_logits: Callable, cache, prompts, prompt_lengths, *, n
                      finished_lengths=fin_lengths, cache=cache)
 
   # Prefill once per prompt, then copy each prompt's cache rows to its beams.
+  stages, cache = first_stage(cache, prompts.shape[1], max_new_tokens, cache_block,
+                              resize_cache)
   last_logits, cache = prefill(tokens_to_logits, cache, prompts, prompt_lengths,
                                prefill_to_logits)
   last_logits = last_logits[:, None]  # [batch, 1, vocab]
@@ -189,7 +194,9 @@ def beam_search(tokens_to_logits: Callable, cache, prompts, prompt_lengths, *, n
     log_probs = log_probs_of(logits.reshape(batch, beams, -1), s.step)
     return advance(s, log_probs, cache)
 
-  state = jax.lax.while_loop(cond, body, state)
+  max_position = jnp.max(beam_positions)  # the next step writes slot max_position + step - 1
+  state = staged_while_loop(cond, body, state, stages, resize_cache,
+                            lambda s: max_position + s.step - 1)
 
   # Alive beams end here with `step` tokens and compete with the finished ones.
   scores = jnp.concatenate([state.finished_scores,

@@ -21,7 +21,6 @@ to decode with a cache that grows `cache_block` slots at a time (see generate).
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable
 
 import jax
@@ -92,6 +91,33 @@ def cache_stages(prompt_len: int, total: int, block: int) -> list[int]:
   return list(range(first, total, block)) + [total]
 
 
+def first_stage(cache, prompt_len: int, max_new_tokens: int, cache_block: int | None,
+                resize_cache: Callable | None):
+  """(stages, the cache cut to the first): stages [None] (one loop over the cache as
+  given) without cache_block."""
+  if cache_block is None:
+    return [None], cache
+  if resize_cache is None:
+    raise ValueError("cache_block needs resize_cache (how to cut or grow the cache)")
+  stages = cache_stages(prompt_len, prompt_len + max_new_tokens, cache_block)
+  return stages, resize_cache(cache, stages[0])
+
+
+def staged_while_loop(cond: Callable, body: Callable, state, stages, resize_cache,
+                      next_slot: Callable):
+  """lax.while_loop(cond, body, state) run as one loop per stage: stage `slots` runs while
+  next_slot(state), the highest cache slot the next step writes, is below `slots`; the
+  cache (state.cache) grows between stages."""
+  for i, slots in enumerate(stages):
+    stage_cond = cond
+    if slots is not None:
+      stage_cond = lambda s, slots=slots: cond(s) & (next_slot(s) < slots)
+    if i:
+      state = state.replace(cache=resize_cache(state.cache, slots))
+    state = jax.lax.while_loop(stage_cond, body, state)
+  return state
+
+
 def generate(tokens_to_logits: Callable, cache, prompts, prompt_lengths, *, max_new_tokens: int,
              sampler, rng, eos_id: int | None = None, stop_ids=None, min_new_tokens: int = 0,
              pad_id: int = 0, prefill_to_logits: Callable | None = None,
@@ -130,12 +156,8 @@ def generate(tokens_to_logits: Callable, cache, prompts, prompt_lengths, *, max_
     done = done | jnp.any(token[:, None] == stops, axis=1)
     return token, logprob, done
 
-  stages = [None]  # one loop over the cache as given
-  if cache_block is not None:
-    if resize_cache is None:
-      raise ValueError("cache_block needs resize_cache (how to cut or grow the cache)")
-    stages = cache_stages(prompts.shape[1], prompts.shape[1] + max_new_tokens, cache_block)
-    cache = resize_cache(cache, stages[0])
+  stages, cache = first_stage(cache, prompts.shape[1], max_new_tokens, cache_block,
+                              resize_cache)
   last_logits, cache = prefill(tokens_to_logits, cache, prompts, prompt_lengths,
                                prefill_to_logits)  # [batch, vocab]
   rng, first_rng = jax.random.split(rng)
@@ -147,10 +169,8 @@ def generate(tokens_to_logits: Callable, cache, prompts, prompt_lengths, *, max_
       logprobs=jnp.zeros((batch, max_new_tokens), jnp.float32).at[:, 0].set(first_logprob),
       done=done, cache=cache, rng=rng)
 
-  def cond(slots, s: DecodeState):
-    going = (s.step < max_new_tokens) & ~jnp.all(s.done)
-    # The next step writes slot `position` of each row: it must exist in this stage.
-    return going if slots is None else going & (jnp.max(s.position) < slots)
+  def cond(s: DecodeState):
+    return (s.step < max_new_tokens) & ~jnp.all(s.done)
 
   def body(s: DecodeState):
     logits, cache = tokens_to_logits(s.last_token[:, None], s.position[:, None], s.cache)
@@ -162,10 +182,9 @@ def generate(tokens_to_logits: Callable, cache, prompts, prompt_lengths, *, max_
         logprobs=jax.lax.dynamic_update_slice(s.logprobs, logprob[:, None], (0, s.step)),
         done=done, cache=cache, rng=rng)
 
-  for i, slots in enumerate(stages):
-    if i:
-      state = state.replace(cache=resize_cache(state.cache, slots))
-    state = jax.lax.while_loop(functools.partial(cond, slots), body, state)
+  # The next step writes slot `position` of each row.
+  state = staged_while_loop(cond, body, state, stages, resize_cache,
+                            lambda s: jnp.max(s.position))
   # A row's length: up to and including its first stop token, else every step taken.
   is_stop = jnp.any(state.generated[:, :, None] == stops[:, None, :], axis=2)  # [batch, max_new]
   first_stop = jnp.argmax(is_stop, axis=1)
