@@ -164,4 +164,3 @@ def resize_cache(cache: dict, length: int) -> dict:
       return a[..., :length, :]
     return jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, length - slots), (0, 0)])
   return jax.tree.map(one, cache)
-
