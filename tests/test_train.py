@@ -284,7 +284,7 @@ def test_profile_steps_writes_a_trace(data_dir, tmp_path):
 
 # Data-parallel steps on two CPU devices, dispatched as fast as the host can: XLA's CPU
 # runtime deadlocks in the all-reduce once dozens of steps are queued (it aborts the
-# process after 40 s). argv[1]: InFlightSteps' limit.
+# process about a minute later). argv[1]: InFlightSteps' limit.
 QUEUED_STEPS_SCRIPT = """
 import sys
 import jax, jax.numpy as jnp, numpy as np
