@@ -1,6 +1,7 @@
 """Both model families: shapes, causality, KV-cache equivalence, config validation."""
 
 import dataclasses
+import re
 
 import flax.linen as nn
 import jax
@@ -135,13 +136,17 @@ def test_auto_attention_uses_cudnn_only_where_it_applies():
   assert resolve_implementation("cudnn", "float32", 64, backend="cpu") == "cudnn"  # explicit
 
 
-def test_mixed_einsum_rounds_operands_and_cotangent_to_bfloat16():
+@pytest.mark.parametrize("spec, a_shape, b_shape, g_shape", [
+    ("bthd,bshd->bhts", (2, 5, 3, 8), (2, 7, 3, 8), (2, 3, 5, 7)),  # attention scores
+    ("ti,io->to", (6, 8), (8, 5), (6, 5)),  # a Dense layer: its own kernel-gradient path
+], ids=["attention", "dense"])
+def test_mixed_einsum_rounds_operands_and_cotangent_to_bfloat16(spec, a_shape, b_shape,
+                                                                 g_shape):
   from decoder_jax.model.layers import mixed_einsum
   keys = jax.random.split(jax.random.key(3), 3)
-  a = jax.random.normal(keys[0], (2, 5, 3, 8))  # [b, t, h, d]
-  b = jax.random.normal(keys[1], (2, 7, 3, 8))  # [b, s, h, d]
-  g = jax.random.normal(keys[2], (2, 3, 5, 7))  # cotangent of [b, h, t, s]
-  spec = "bthd,bshd->bhts"
+  a = jax.random.normal(keys[0], a_shape)
+  b = jax.random.normal(keys[1], b_shape)
+  g = jax.random.normal(keys[2], g_shape)  # cotangent of the output
   rounded = lambda x: x.astype(jnp.bfloat16).astype(jnp.float32)
 
   @jax.jit  # one compile instead of one per operation
@@ -162,7 +167,45 @@ def test_mixed_einsum_rounds_operands_and_cotangent_to_bfloat16():
   # ... and not the unrounded float32 result: the rounding is really there.
   assert not np.allclose(out, unrounded, rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="at least two"):
-    mixed_einsum("ij,jk->i", a[0, 0], b[0, 0].T)  # k summed within one operand
+    mixed_einsum("ij,jk->i", jnp.ones((2, 3)), jnp.ones((3, 4)))  # k summed within one operand
+
+
+def _dot_operand_dtypes(hlo_text: str) -> list[tuple[str, str]]:
+  """(lhs dtype, rhs dtype) of every dot in a compiled HLO module's text."""
+  found = []
+  for computation in hlo_text.split("\n\n"):
+    types = dict(re.findall(r"%([\w.-]+) = (\w+)\[", computation))
+    # A fused computation declares its parameters in its first line: (param_0: bf16[...]).
+    types.update(re.findall(r"([\w.-]+): (\w+)\[", computation.split("\n", 1)[0]))
+    found += [(types.get(lhs), types.get(rhs))
+              for lhs, rhs in re.findall(r" dot\(%([\w.-]+), %([\w.-]+)\)", computation)]
+  return found
+
+
+def test_dense_kernel_gradient_is_a_bfloat16_dot_on_cpu():
+  """The Dense kernel gradient a.T @ g runs as a bfloat16 dot on CPU (layers.
+  _transposed_copy), as the forward product does: XLA would otherwise upcast it to a
+  float32 dot several times slower. Its value holds whatever the kernel holds (the copy's
+  always-true predicate reads a kernel element, here a NaN)."""
+  from decoder_jax.model.layers import mixed_einsum
+  if jax.default_backend() != "cpu":
+    pytest.skip("checks XLA's CPU backend")
+  x = jax.random.normal(jax.random.key(0), (48, 32))  # [tokens, in]
+  w = jax.random.normal(jax.random.key(1), (32, 16))  # [in, out]
+  g = jax.random.normal(jax.random.key(2), (48, 16))  # cotangent [tokens, out]
+  kernel_grad = jax.jit(lambda x, w, g: jax.vjp(
+      lambda w: mixed_einsum("ti,io->to", x, w), w)[1](g)[0])
+  forward = jax.jit(lambda x, w: mixed_einsum("ti,io->to", x, w))
+  forward_dots = _dot_operand_dtypes(forward.lower(x, w).compile().as_text())
+  if forward_dots != [("bf16", "bf16")]:
+    pytest.skip(f"this CPU's XLA runs the forward product as {forward_dots}, not in bfloat16")
+  assert _dot_operand_dtypes(kernel_grad.lower(x, w, g).compile().as_text()) == [
+      ("bf16", "bf16")]
+  rounded = lambda v: np.asarray(v.astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+  want = rounded(x).T @ rounded(g)
+  np.testing.assert_allclose(kernel_grad(x, w, g), want, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(kernel_grad(x, w.at[0, 0].set(jnp.nan), g), want, rtol=1e-5,
+                             atol=1e-4)
 
 
 def test_bfloat16_matmuls_train_like_float32():
