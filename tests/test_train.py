@@ -118,6 +118,9 @@ def test_resume_after_process_exit_matches_uninterrupted_run(data_dir, tmp_path)
   params_a = inference.load_trained(str(straight)).params
   params_b = inference.load_trained(str(resumed)).params
   jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
+  # checkpoint_every is the recipe's 1000: saves where the loop stops, none at step 1.
+  saved = lambda w: sorted(int(p.name) for p in (w / "checkpoints").iterdir() if p.name.isdigit())
+  assert saved(straight) == [6] and saved(resumed) == [3, 6]
 
 
 def test_sigterm_saves_a_checkpoint_then_resume_finishes(data_dir, tmp_path):
@@ -357,3 +360,39 @@ def test_device_prefetch_reads_one_ahead_and_reports_the_unread_state():
   assert batches.get_state() == {"position": 3}
   with pytest.raises(StopIteration):
     next(batches)
+
+
+def test_checkpoint_of_replicated_state_saves_without_compiling_and_restores(tmp_path):
+  """On CPU devices a save copies each replicated array out whole (checkpoint.
+  _state_handler). Orbax's default would cut every array into one slice per device with a
+  compiled slice op on the step loop's thread (the shakespeare CPU recipe's first save
+  blocked the loop for 0.9 s)."""
+  from jax.sharding import NamedSharding
+  from decoder_jax.train import checkpoint
+  mesh = jax.make_mesh((jax.device_count(),), ("data",))
+  replicated = NamedSharding(mesh, P())
+  state = {"kernel": jax.device_put(np.arange(88 * 56, dtype=np.float32).reshape(88, 56),
+                                    replicated),
+           "scale": jax.device_put(np.linspace(0, 1, 56, dtype=np.float32), replicated)}
+  compiles = []
+
+  def record(name, seconds, **kwargs):
+    if name == "/jax/core/compile/backend_compile_duration":
+      compiles.append(seconds)
+
+  manager = checkpoint.make_manager(str(tmp_path), 1, 1)
+  jax.monitoring.register_event_duration_secs_listener(record)
+  try:
+    checkpoint.save(manager, 1, state, {"position": 7})
+    manager.wait_until_finished()
+  finally:
+    jax.monitoring.unregister_event_duration_listener(record)
+  assert compiles == []
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          state)
+  restored, data_state = checkpoint.restore(manager, abstract)
+  manager.close()
+  assert data_state == {"position": 7}
+  for name, value in state.items():
+    np.testing.assert_array_equal(restored[name], value)
+    assert restored[name].sharding == replicated

@@ -10,22 +10,49 @@ from __future__ import annotations
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
+def _state_handler() -> ocp.PyTreeCheckpointHandler:
+  """The train state's handler: orbax's PyTree one, whose arrays are copied out whole on
+  CPU devices.
+
+  By default orbax saves a replicated array "replica-parallel": one slice per device,
+  each cut by a dispatched slice op (compiled per shape on first use), so devices copy
+  their parts to the host in parallel. CPU devices share the host's memory, so the
+  slicing is pure cost: with the shakespeare CPU recipe's state on 2 CPU devices the
+  first save blocked the step loop for 0.9 s and later ones for 0.1 s, against 0.03 s
+  copying whole arrays. Elsewhere orbax's default stands.
+  """
+  replica_parallel = False if jax.default_backend() == "cpu" else None
+  scalar = ocp.type_handlers.ScalarHandler()
+  registry = ocp.type_handlers.create_type_handler_registry(
+      (int, scalar), (float, scalar), (np.number, scalar),
+      (np.ndarray, ocp.type_handlers.NumpyHandler()),
+      (jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=replica_parallel)),
+      (str, ocp.type_handlers.StringHandler()))
+  return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+
+
 def make_manager(workdir: str, every_steps: int, keep: int, async_writes: bool = True):
+  # Every `every_steps` steps and when the job is preempted; not orbax's default extra save
+  # at a fresh run's first step (the loop also saves at its last step and when stopped).
+  policies = ocp.checkpoint_managers
+  save_policy = policies.AnySavePolicy([policies.FixedIntervalPolicy(max(1, every_steps)),
+                                        policies.PreemptionCheckpointingPolicy()])
   options = ocp.CheckpointManagerOptions(
-      save_interval_steps=max(1, every_steps), max_to_keep=keep,
+      save_decision_policy=save_policy, max_to_keep=keep,
       enable_async_checkpointing=async_writes, create=True)
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
                                options=options,
-                               item_handlers={"state": ocp.StandardCheckpointHandler(),
+                               item_handlers={"state": _state_handler(),
                                               "data": ocp.JsonCheckpointHandler()})
 
 
 def save(manager, step: int, state, data_state: dict, force: bool = False) -> bool:
   return manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=force)
+      state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data_state)), force=force)
 
 
 def _path_name(path) -> str:
@@ -60,5 +87,8 @@ def restore(manager, abstract_state, step: int | None = None):
         f"a different shape than the current config builds:\n  {listed}\n"
         "Use a fresh --workdir or the config that wrote this checkpoint.")
   restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+      state=ocp.args.PyTreeRestore(
+          abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(
+              abstract_state)),
+      data=ocp.args.JsonRestore()))
   return restored["state"], restored["data"]
