@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from decoder_jax.model import norms
 from decoder_jax.model.config import ModelConfig
 
 
@@ -40,8 +41,8 @@ def norm(config: ModelConfig, name: str) -> nn.Module:
   common = dict(epsilon=config.norm_eps, dtype=dtype_of(config.dtype),
                 param_dtype=dtype_of(config.param_dtype), scale_init=scale_init, name=name)
   if config.family == "llama":
-    return nn.RMSNorm(**common)
-  return nn.LayerNorm(use_bias=config.use_bias, bias_init=zeros_init(("embed",)), **common)
+    return norms.RMSNorm(**common)
+  return norms.LayerNorm(use_bias=config.use_bias, bias_init=zeros_init(("embed",)), **common)
 
 
 def _bf16_einsum(spec: str, a, b):
