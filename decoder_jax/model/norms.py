@@ -2,13 +2,13 @@
 
 Same parameters (`scale`, and `bias` when used) and the same values as flax.linen's
 LayerNorm and RMSNorm, statistics in float32 whatever the input dtype. The backward pass
-is written out (jax.custom_vjp): two row means, a column sum and one elementwise pass,
-where differentiating flax's norms left XLA more and smaller operations. On the 2-core CPU,
-whose speed swings by a third within minutes, the shakespeare CPU train step with flax's
-norms ran 35-42 ms (median; quartiles as wide as 27-44) in three of four same-process
-comparisons and with these 26-27 ms (quartiles 24-28); in the fourth, and whenever the
-machine was calm, the two ran alike (benchmarks/RESULTS.md). The two forms agree to
-float32 rounding (tests/test_norms.py).
+is written out (jax.custom_vjp): two row means, a column sum and one elementwise pass
+(differentiating flax's norms gave the shakespeare CPU train step 678 operations, these
+654). On the 2-core CPU, whose speed swings by a third within minutes, that step with
+flax's norms ran 35-42 ms (medians; quartiles as wide as 27-44) in four of six
+same-process comparisons and with these 26-27 ms (quartiles 24-28); in the other two the
+two ran alike (benchmarks/RESULTS.md). The two forms agree to float32 rounding
+(tests/test_norms.py).
 """
 
 from __future__ import annotations
