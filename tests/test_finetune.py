@@ -74,6 +74,15 @@ def test_lora_run_checkpoints_only_adapters_and_restores(data_dir, tmp_path, tin
   assert scored["accuracy"] == pytest.approx(logged["eval/accuracy"])
   assert scored["examples"] == 48
 
+  # The best checkpoint (by eval/accuracy, kept in workdir/best): its metrics are the ones
+  # logged at the step best.json names.
+  with open(tmp_path / "lora" / "best.json") as f:
+    best = json.load(f)
+  scored_best = evaluate.evaluate(lora, str(tmp_path / "lora"), weights="best")
+  logged_best = loop_metrics(tmp_path / "lora")[best["step"]]
+  assert scored_best["accuracy"] == pytest.approx(logged_best["eval/accuracy"]) == best["value"]
+  assert scored_best["loss"] == pytest.approx(logged_best["eval/loss"], abs=1e-5)
+
   # `generate --workdir` of a LoRA run: the base from init_from, the adapters merged in.
   merged = inference.load_trained(str(tmp_path / "lora"))
   assert merged.config.lora is None and merged.step == 4

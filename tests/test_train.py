@@ -396,3 +396,42 @@ def test_checkpoint_of_replicated_state_saves_without_compiling_and_restores(tmp
   for name, value in state.items():
     np.testing.assert_array_equal(restored[name], value)
     assert restored[name].sharding == replicated
+
+
+def test_best_params_are_replaced_only_once_the_new_copy_is_complete(tmp_path, monkeypatch):
+  """checkpoint.save_params_replacing (the fine-tuning loop's best checkpoint): a save
+  that dies half-way leaves the previous copy; a finished one replaces it, leaving no
+  staging directories; copies written by orbax's StandardCheckpointer (older runs) still
+  restore."""
+  import orbax.checkpoint as ocp
+  from jax.sharding import NamedSharding
+  from decoder_jax.train import checkpoint
+  sharding = NamedSharding(jax.make_mesh((jax.device_count(),), ("data",)), P())
+  first = {"w": jax.device_put(np.arange(24, dtype=np.float32).reshape(4, 6), sharding)}
+  second = {"w": jax.device_put(-np.arange(24, dtype=np.float32).reshape(4, 6), sharding)}
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          first)
+  best = str(tmp_path / "best")
+  checkpoint.save_params_replacing(best, first)
+  np.testing.assert_array_equal(checkpoint.restore_params(best, abstract)["w"], first["w"])
+
+  def dies_half_way(self, directory, *args, **kwargs):
+    os.makedirs(directory)  # part of a copy, as a crash would leave it
+    raise RuntimeError("killed during the save")
+
+  with monkeypatch.context() as patch:
+    patch.setattr(ocp.Checkpointer, "save", dies_half_way)
+    with pytest.raises(RuntimeError, match="killed"):
+      checkpoint.save_params_replacing(best, second)
+  np.testing.assert_array_equal(checkpoint.restore_params(best, abstract)["w"], first["w"])
+
+  checkpoint.save_params_replacing(best, second)
+  restored = checkpoint.restore_params(best, abstract)["w"]
+  np.testing.assert_array_equal(restored, second["w"])
+  assert restored.sharding == sharding
+  assert sorted(os.listdir(tmp_path)) == ["best"]
+
+  older = str(tmp_path / "older")
+  with ocp.StandardCheckpointer() as writer:
+    writer.save(older, first)
+  np.testing.assert_array_equal(checkpoint.restore_params(older, abstract)["w"], first["w"])

@@ -157,17 +157,14 @@ def _mean_loss(model, params, batches) -> float:
 
 
 def _restore_trainable(workdir, weights, run, tx, mesh, config, like):
-  import orbax.checkpoint as ocp
-
   from decoder_jax.train import checkpoint, setup
 
   best_json = os.path.join(workdir, "best.json")
   if weights == "best" and os.path.exists(best_json):
     with open(best_json) as f:
       best = json.load(f)
-    abstract = _abstract_like(like)
-    with ocp.StandardCheckpointer() as checkpointer:
-      restored = checkpointer.restore(os.path.join(os.path.abspath(workdir), "best"), abstract)
+    restored = checkpoint.restore_params(os.path.join(os.path.abspath(workdir), "best"),
+                                         _abstract_like(like))
     return restored, {"weights": f"best by {best['metric']} ({best['value']:.4f}) at step "
                                  f"{best['step']}", "workdir": workdir}
   abstract, *_ = setup.abstract_state(run, tx, mesh, config)

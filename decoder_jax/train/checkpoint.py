@@ -12,6 +12,7 @@ import os
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 
 def _state_handler() -> ocp.PyTreeCheckpointHandler:
@@ -57,6 +58,37 @@ def make_manager(workdir: str, every_steps: int, keep: int, async_writes: bool =
 def save(manager, step: int, state, data_state: dict, force: bool = False) -> bool:
   return manager.save(step, args=ocp.args.Composite(
       state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data_state)), force=force)
+
+
+def save_params_replacing(directory: str, params, is_writer: bool = True) -> None:
+  """Writes `params` (an orbax PyTree checkpoint) to `directory`, replacing what is there
+  only once the new copy is complete, so a crash mid-save leaves the previous copy.
+
+  Every process calls it (orbax writes each process's shards); `is_writer` (one process)
+  moves the directories.
+  """
+  target = epath.Path(directory)
+  staging, previous = target.parent / (target.name + ".new"), target.parent / (target.name + ".old")
+  if is_writer and staging.exists():  # left by a crash during an earlier save
+    staging.rmtree()
+  with ocp.Checkpointer(_state_handler()) as checkpointer:
+    checkpointer.save(staging, args=ocp.args.PyTreeSave(params))
+  if is_writer:
+    if previous.exists():
+      previous.rmtree()
+    if target.exists():
+      target.rename(previous)
+    staging.rename(target)
+    if previous.exists():
+      previous.rmtree()
+
+
+def restore_params(directory: str, abstract):
+  """The tree `save_params_replacing` (or orbax's StandardCheckpointer) wrote to
+  `directory`, with the shapes, dtypes and shardings of `abstract`."""
+  with ocp.Checkpointer(_state_handler()) as checkpointer:
+    return checkpointer.restore(epath.Path(directory), args=ocp.args.PyTreeRestore(
+        abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)))
 
 
 def _path_name(path) -> str:

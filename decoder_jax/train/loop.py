@@ -228,17 +228,13 @@ class TaskEvaluator:
     if self.best is not None and not (value > self.best["value"] if higher
                                       else value < self.best["value"]):
       return
-    import orbax.checkpoint as ocp
-    from etils import epath
-
-    if self.is_writer and epath.Path(self.best_dir).exists():
-      epath.Path(self.best_dir).rmtree()
-    with ocp.StandardCheckpointer() as checkpointer:
-      checkpointer.save(self.best_dir, params)
+    checkpoint.save_params_replacing(self.best_dir, params, self.is_writer)
     self.best = {"step": step, "metric": self.metric, "value": value}
-    if self.is_writer:
-      with open(os.path.join(self.workdir, "best.json"), "w") as f:
+    if self.is_writer:  # replaced whole, like the params
+      best_json = os.path.join(self.workdir, "best.json")
+      with open(best_json + ".new", "w") as f:
         json.dump(self.best, f)
+      os.replace(best_json + ".new", best_json)
     logging.info("best %s so far (%.4f at step %d): params saved to %s", self.metric, value,
                  step, self.best_dir)
 
