@@ -400,9 +400,9 @@ def test_checkpoint_of_replicated_state_saves_without_compiling_and_restores(tmp
 
 def test_best_params_are_replaced_only_once_the_new_copy_is_complete(tmp_path, monkeypatch):
   """checkpoint.save_params_replacing (the fine-tuning loop's best checkpoint): a save
-  that dies half-way leaves the previous copy; a finished one replaces it, leaving no
-  staging directories; copies written by orbax's StandardCheckpointer (older runs) still
-  restore."""
+  that dies half-way leaves the previous copy (still found if the crash fell between the
+  final renames); a finished one replaces it, leaving no staging directories; copies
+  written by orbax's StandardCheckpointer (older runs) still restore."""
   import orbax.checkpoint as ocp
   from jax.sharding import NamedSharding
   from decoder_jax.train import checkpoint
@@ -423,6 +423,8 @@ def test_best_params_are_replaced_only_once_the_new_copy_is_complete(tmp_path, m
     patch.setattr(ocp.Checkpointer, "save", dies_half_way)
     with pytest.raises(RuntimeError, match="killed"):
       checkpoint.save_params_replacing(best, second)
+  np.testing.assert_array_equal(checkpoint.restore_params(best, abstract)["w"], first["w"])
+  os.rename(best, best + ".old")  # as a crash between the two renames leaves it
   np.testing.assert_array_equal(checkpoint.restore_params(best, abstract)["w"], first["w"])
 
   checkpoint.save_params_replacing(best, second)

@@ -68,7 +68,7 @@ def save_params_replacing(directory: str, params, is_writer: bool = True) -> Non
   moves the directories.
   """
   target = epath.Path(directory)
-  staging, previous = target.parent / (target.name + ".new"), target.parent / (target.name + ".old")
+  staging, previous = _sibling(target, ".new"), _sibling(target, ".old")
   if is_writer and staging.exists():  # left by a crash during an earlier save
     staging.rmtree()
   with ocp.Checkpointer(_state_handler()) as checkpointer:
@@ -83,11 +83,18 @@ def save_params_replacing(directory: str, params, is_writer: bool = True) -> Non
       previous.rmtree()
 
 
+def _sibling(path: epath.Path, suffix: str) -> epath.Path:
+  return path.parent / (path.name + suffix)
+
+
 def restore_params(directory: str, abstract):
   """The tree `save_params_replacing` (or orbax's StandardCheckpointer) wrote to
   `directory`, with the shapes, dtypes and shardings of `abstract`."""
+  path = epath.Path(directory)
+  if not path.exists() and _sibling(path, ".old").exists():
+    path = _sibling(path, ".old")  # a crash fell between save_params_replacing's renames
   with ocp.Checkpointer(_state_handler()) as checkpointer:
-    return checkpointer.restore(epath.Path(directory), args=ocp.args.PyTreeRestore(
+    return checkpointer.restore(path, args=ocp.args.PyTreeRestore(
         abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)))
 
 
