@@ -352,14 +352,68 @@ class _CountingSource:
 def test_device_prefetch_reads_one_ahead_and_reports_the_unread_state():
   source = _CountingSource(3)
   moved = []
-  batches = loop.DevicePrefetch(source, lambda b: moved.append(b) or b * 10)
+  batches = loop.DevicePrefetch(source, lambda bs: moved.append(bs) or bs[0] * 10)
   assert batches.get_state() == {"position": 0}
-  assert next(batches) == 0 and moved == [0, 1]  # batch 1 already handed over
+  assert next(batches) == (1, 0) and moved == [[0], [1]]  # batch 1 already handed over
   assert batches.get_state() == {"position": 1}  # a resume must start at batch 1
-  assert [next(batches), next(batches)] == [10, 20]
+  assert [next(batches), next(batches)] == [(1, 10), (1, 20)]
   assert batches.get_state() == {"position": 3}
   with pytest.raises(StopIteration):
     next(batches)
+
+
+def test_device_prefetch_groups_batches_by_call():
+  source = _CountingSource(100)
+  batches = loop.DevicePrefetch(source, lambda bs: list(bs), sizes=[3, 3, 1])
+  assert next(batches) == (3, [0, 1, 2])
+  assert batches.get_state() == {"position": 3}  # the next call's 3 are read, not returned
+  assert next(batches) == (3, [3, 4, 5])
+  assert next(batches) == (1, [6])
+  assert batches.get_state() == {"position": 7}
+  with pytest.raises(StopIteration):
+    next(batches)
+
+
+@pytest.mark.parametrize("first, end, per_call, sizes", [
+    (0, 10, 1, [1] * 10),
+    (0, 10, 5, [5, 5]),
+    (0, 12, 5, [5, 5, 1, 1]),  # the tail in single steps
+    (3, 12, 4, [1, 4, 4]),     # resumed between multiples of 4
+    (6, 6, 3, []),
+])
+def test_call_sizes_run_whole_calls_from_multiples(first, end, per_call, sizes):
+  assert list(loop.call_sizes(first, end, per_call)) == sizes
+
+
+def test_steps_per_call_trains_exactly_like_single_steps(data_dir, tmp_path):
+  """train.steps_per_call=3: the same batches, updates, logged metrics and checkpoints as
+  one step per call; num_steps not a multiple of 3 ends in single steps."""
+  results = {}
+  for per_call in (1, 3):
+    config = tiny_config(data_dir, tmp_path, num_steps=8, log_every=3, eval_every=6,
+                         checkpoint_every=3, steps_per_call=per_call)
+    workdir = tmp_path / f"per_call_{per_call}"
+    final = loop.train_and_evaluate(config, str(workdir))
+    saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    results[per_call] = (read_metrics(workdir, "train/loss"), read_metrics(workdir, "eval/loss"),
+                         saved, final["eval/loss"],
+                         inference.load_trained(str(workdir)).params)
+  single, multi = results[1], results[3]
+  assert sorted(single[0]) == [3, 6, 8] and sorted(single[1]) == [6, 8]
+  assert single[2] == multi[2] == [3, 6, 8]
+  for a, b in zip(single[:2], multi[:2]):
+    assert sorted(a) == sorted(b)
+    np.testing.assert_allclose([a[k] for k in sorted(a)], [b[k] for k in sorted(b)],
+                               rtol=1e-6)
+  assert multi[3] == pytest.approx(single[3], rel=1e-6)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7),
+               single[4], multi[4])
+
+
+def test_steps_per_call_must_divide_the_host_intervals(data_dir, tmp_path):
+  config = tiny_config(data_dir, tmp_path, steps_per_call=2, log_every=2)  # eval_every=3
+  with pytest.raises(ValueError, match=r"steps_per_call \(2\) must divide train.eval_every"):
+    loop.train_and_evaluate(config, str(tmp_path / "w"))
 
 
 def test_checkpoint_of_replicated_state_saves_without_compiling_and_restores(tmp_path):

@@ -26,6 +26,9 @@ def train_section(**fields) -> ml_collections.ConfigDict:
       stop_at_step=config_dict.placeholder(int),  # stop early (with a checkpoint) at this step, e.g. to test resume
       batch_size=32,
       grad_accum_steps=1,
+      # Train steps per compiled call (a lax.scan over that many batches): the host
+      # dispatches once per call. Must divide log_every, eval_every and checkpoint_every.
+      steps_per_call=1,
       learning_rate=1e-3,
       min_learning_rate=1e-4,
       warmup_steps=100,

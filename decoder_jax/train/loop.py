@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from decoder_jax.data import tokenizers
 from decoder_jax.peft import combine
@@ -32,6 +34,23 @@ def check_batch_layout(train_config, mesh) -> None:
     raise ValueError(
         f"the micro-batch (train.batch_size / grad_accum_steps = {batch // accum}) must be "
         f"divisible by the data-parallel size data*fsdp = {dp} of mesh {dict(mesh.shape)}")
+  per_call = train_config.get("steps_per_call") or 1
+  if per_call < 1:
+    raise ValueError(f"train.steps_per_call must be at least 1, got {per_call}")
+  for name in ("log_every", "eval_every", "checkpoint_every"):
+    if train_config[name] % per_call:
+      raise ValueError(f"train.steps_per_call ({per_call}) must divide train.{name} "
+                       f"({train_config[name]}): the host acts only between calls")
+
+
+def call_sizes(first_step: int, end_step: int, per_call: int):
+  """How many steps each compiled call runs, from `first_step` to `end_step`: `per_call`
+  from each multiple of it, single steps where fewer remain or before the first one."""
+  step = first_step
+  while step < end_step:
+    size = per_call if step % per_call == 0 and step + per_call <= end_step else 1
+    yield size
+    step += size
 
 
 class InFlightSteps:
@@ -60,21 +79,24 @@ class InFlightSteps:
 
 
 class DevicePrefetch:
-  """The training batches, each handed to the device (`to_device`) one batch ahead of the
-  step that reads it, so its host-to-device copy overlaps the steps in flight.
+  """The training batches, handed to the device (`to_device`) one call ahead of the call
+  that reads them, so their host-to-device copy overlaps the steps in flight.
 
-  get_state() is the data state of the first batch not yet returned (the iterator itself
-  has read one further), which is what a checkpoint after the last dispatched step must
-  resume from.
+  Each item is (n, batches): the n batches of one compiled call (`sizes` gives each call's
+  n, default 1), as `to_device(list of n host batches)` places them. get_state() is the
+  data state of the first batch not yet returned (the iterator itself has read one call
+  further), which is what a checkpoint after the last dispatched call must resume from.
   """
 
-  def __init__(self, iterator, to_device):
+  def __init__(self, iterator, to_device, sizes=None):
     self._iterator, self._to_device = iterator, to_device
-    self._ahead = None  # (data state before the batch, batch on the device)
+    self._sizes = iter(sizes) if sizes is not None else itertools.repeat(1)
+    self._ahead = None  # (data state before the call's batches, n, batches on the device)
 
   def _read(self):
+    size = next(self._sizes)  # StopIteration here: no calls left
     state = self._iterator.get_state()
-    return state, self._to_device(next(self._iterator))
+    return state, size, self._to_device([next(self._iterator) for _ in range(size)])
 
   def __iter__(self):
     return self
@@ -82,12 +104,12 @@ class DevicePrefetch:
   def __next__(self):
     if self._ahead is None:
       self._ahead = self._read()  # StopIteration here: nothing left
-    _, batch = self._ahead
+    _, size, batches = self._ahead
     try:
       self._ahead = self._read()
-    except StopIteration:  # a finite source: this was its last batch
+    except StopIteration:  # no calls left, or a finite source ended
       self._ahead = None
-    return batch
+    return size, batches
 
   def get_state(self):
     return self._ahead[0] if self._ahead is not None else self._iterator.get_state()
@@ -150,7 +172,8 @@ def evaluate(eval_step, params, frozen, datasets, batch_sharding) -> float:
 class _Profiler:
   """train.profile_steps=N: a jax.profiler trace of N steps, starting 2 steps after this
   run's first (compilation and warm-up stay out of it), written to WORKDIR/profile for
-  TensorBoard's profile plugin or Perfetto (ui.perfetto.dev opens the .trace.json.gz)."""
+  TensorBoard's profile plugin or Perfetto (ui.perfetto.dev opens the .trace.json.gz).
+  With train.steps_per_call > 1 the trace starts and stops at the calls' ends."""
 
   def __init__(self, workdir, first_step, num_steps, enabled):
     self.directory = os.path.join(os.path.abspath(workdir), "profile")
@@ -158,20 +181,21 @@ class _Profiler:
     self.stop_after = self.start_after + (num_steps or 0)
     self.enabled = bool(num_steps) and enabled
     self.active = False
+    self.started_at = None
 
   def after_step(self, step, metrics):
     if not self.enabled:
       return
-    if step == self.start_after:
+    if not self.active and self.started_at is None and step >= self.start_after:
       jax.block_until_ready(metrics)  # the trace starts with the device idle
       jax.profiler.start_trace(self.directory)
-      self.active = True
-    elif step == self.stop_after and self.active:
+      self.active, self.started_at = True, step
+    elif self.active and step >= self.stop_after:
       jax.block_until_ready(metrics)  # the traced steps' device work is in the trace
       self.stop()
       logging.info("profile of steps %d-%d written to %s (tensorboard --logdir %s, or "
-                   "ui.perfetto.dev)", self.start_after + 1, self.stop_after,
-                   self.directory, self.directory)
+                   "ui.perfetto.dev)", self.started_at + 1, step, self.directory,
+                   self.directory)
 
   def stop(self):
     if self.active:
@@ -290,11 +314,23 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
 
   batch_sharding = sharding.batch_sharding(mesh)
   dropout = model_config.dropout > 0 or (lora and model_config.lora.dropout > 0)
-  train_step = jax.jit(
-      steps.make_train_step(model, train_cfg.grad_accum_steps, dropout=dropout,
-                            loss_chunk_size=train_cfg.get("loss_chunk_size")),
-      in_shardings=(state_shardings, frozen_shardings, batch_sharding, None),
-      out_shardings=(state_shardings, None), donate_argnums=0)
+  step_fn = steps.make_train_step(model, train_cfg.grad_accum_steps, dropout=dropout,
+                                  loss_chunk_size=train_cfg.get("loss_chunk_size"))
+  train_step = jax.jit(step_fn, in_shardings=(state_shardings, frozen_shardings, batch_sharding,
+                                              None),
+                       out_shardings=(state_shardings, None), donate_argnums=0)
+  # train.steps_per_call > 1: that many steps per call, their batches stacked [steps, ...].
+  per_call = train_cfg.get("steps_per_call") or 1
+  stacked_sharding = NamedSharding(mesh, P(None, *batch_sharding.spec))
+  multi_step = jax.jit(steps.make_multi_step(step_fn),
+                       in_shardings=(state_shardings, frozen_shardings, stacked_sharding, None),
+                       out_shardings=(state_shardings, None), donate_argnums=0)
+
+  def to_device(host_batches):
+    if len(host_batches) == 1:
+      return _global_batch(host_batches[0], batch_sharding)
+    return _global_batch({k: np.stack([np.asarray(b[k]) for b in host_batches])
+                          for k in host_batches[0]}, stacked_sharding)
   eval_loss_sums = steps.make_eval_step(model, train_cfg.get("loss_chunk_size"))
   eval_step = jax.jit(lambda params, frozen, batch: eval_loss_sums(combine(params, frozen), batch),
                       in_shardings=(state_shardings.params, frozen_shardings, batch_sharding))
@@ -313,11 +349,14 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
   start = time.perf_counter()
   profiler = _Profiler(workdir, step, train_cfg.get("profile_steps"), is_writer)
   in_flight = InFlightSteps()
-  batches = DevicePrefetch(datasets.train_iter, lambda b: _global_batch(b, batch_sharding))
+  end_step = min(num_steps, stop_at)
+  batches = DevicePrefetch(datasets.train_iter, to_device, call_sizes(step, end_step, per_call))
   # One compiled program: evaluated op by op, the schedule would compile each of its ~10
   # operations separately on first use (about 0.6 s of start-up on a 2-core CPU).
   learning_rate_at = jax.jit(optimizer.learning_rate_schedule(train_cfg))
-  summarize_metrics = jax.jit(lambda losses, grad_norm: (jnp.mean(jnp.stack(losses)), grad_norm))
+  # Each entry a step's scalar or a call's [steps] array: the mean over steps, the last norm.
+  summarize_metrics = jax.jit(lambda losses, grad_norms: (
+      jnp.mean(jnp.concatenate([jnp.ravel(x) for x in losses])), jnp.ravel(grad_norms)[-1]))
 
   def write_train_metrics(logged_step, device_metrics):
     # One device op and one transfer for the whole log interval: fetching each step's
@@ -334,11 +373,12 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
   try:
     with (_StopRequest() as stop, jax.set_mesh(mesh),
           nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES)):
-      while step < min(num_steps, stop_at) and stop.signal_name is None:
-        batch = next(batches)
-        state, metrics = train_step(state, frozen, batch, dropout_rng)
+      while step < end_step and stop.signal_name is None:
+        size, batch = next(batches)
+        state, metrics = (train_step if size == 1 else multi_step)(state, frozen, batch,
+                                                                   dropout_rng)
         in_flight.add(metrics["loss"])
-        step += 1
+        step += size
         profiler.after_step(step, metrics)
         if unlogged is not None:
           write_train_metrics(*unlogged)

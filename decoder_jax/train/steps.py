@@ -164,6 +164,16 @@ def make_train_step(model, grad_accum_steps: int, dropout: bool,
   return train_step
 
 
+def make_multi_step(train_step):
+  """state, frozen, batches [steps, batch, ...], rng -> (state, metrics [steps]): that many
+  train steps in one compiled call (a lax.scan), so the host dispatches once for all."""
+
+  def multi_step(state, frozen, batches, rng):
+    return jax.lax.scan(lambda s, batch: train_step(s, frozen, batch, rng), state, batches)
+
+  return multi_step
+
+
 def make_eval_step(model, loss_chunk_size: int | None = None):
   """params, batch -> (sum of weighted losses, sum of weights). Batches without weights
   weigh every token 1."""
