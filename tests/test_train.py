@@ -28,7 +28,7 @@ def tiny_config(data_dir, tmp_path, **train):
   config = shakespeare_char.get_config("cpu")
   config.model.update(TINY)
   config.train.update({**dict(num_steps=6, batch_size=8, log_every=1, eval_every=3,
-                              checkpoint_every=3, warmup_steps=2), **train})
+                              checkpoint_every=3, warmup_steps=2, steps_per_call=1), **train})
   config.data.local_dir = str(data_dir)
   config.data.num_eval_windows = 64
   config.data.eval_batch_size = 32
@@ -52,6 +52,7 @@ def run_cli(workdir, data_dir, tmp_path, *overrides, check=True, **popen):
           "--config.data.num_eval_windows=64", "--config.data.eval_batch_size=32",
           *[f"--config.model.{k}={v}" for k, v in TINY.items()],
           "--config.train.batch_size=8", "--config.train.log_every=1",
+          "--config.train.steps_per_call=1",  # the recipe's 10 would not divide log_every=1
           "--config.train.warmup_steps=2", *overrides]
   env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": str(REPO)}
   if popen:
