@@ -94,8 +94,13 @@ def restore_params(directory: str, abstract):
   if not path.exists() and _sibling(path, ".old").exists():
     path = _sibling(path, ".old")  # a crash fell between save_params_replacing's renames
   with ocp.Checkpointer(_state_handler()) as checkpointer:
-    return checkpointer.restore(path, args=ocp.args.PyTreeRestore(
-        abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)))
+    return checkpointer.restore(path, args=_pytree_restore(abstract))
+
+
+def _pytree_restore(abstract) -> ocp.args.PyTreeRestore:
+  """Restore arguments that place each array as `abstract` says (shape, dtype, sharding)."""
+  return ocp.args.PyTreeRestore(
+      abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
 
 
 def _path_name(path) -> str:
@@ -130,8 +135,5 @@ def restore(manager, abstract_state, step: int | None = None):
         f"a different shape than the current config builds:\n  {listed}\n"
         "Use a fresh --workdir or the config that wrote this checkpoint.")
   restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(
-          abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(
-              abstract_state)),
-      data=ocp.args.JsonRestore()))
+      state=_pytree_restore(abstract_state), data=ocp.args.JsonRestore()))
   return restored["state"], restored["data"]

@@ -186,7 +186,7 @@ class _Profiler:
   def after_step(self, step, metrics):
     if not self.enabled:
       return
-    if not self.active and self.started_at is None and step >= self.start_after:
+    if self.started_at is None and step >= self.start_after:
       jax.block_until_ready(metrics)  # the trace starts with the device idle
       jax.profiler.start_trace(self.directory)
       self.active, self.started_at = True, step
