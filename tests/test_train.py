@@ -492,3 +492,25 @@ def test_best_params_are_replaced_only_once_the_new_copy_is_complete(tmp_path, m
   with ocp.StandardCheckpointer() as writer:
     writer.save(older, first)
   np.testing.assert_array_equal(checkpoint.restore_params(older, abstract)["w"], first["w"])
+
+
+def test_train_and_eval_steps_compile_once_on_the_compile_workers(data_dir, tmp_path, caplog):
+  """The loop runs the steps compiled ahead (while the parameters were made) and never
+  compiles them again on the main thread."""
+  config = tiny_config(data_dir, tmp_path, num_steps=7, log_every=3, eval_every=3,
+                       checkpoint_every=3, steps_per_call=3)  # calls of 3, 3, then 1 step
+  previous = jax.config.jax_log_compiles
+  jax.config.update("jax_log_compiles", True)  # global: the workers see it too
+  try:
+    with caplog.at_level("WARNING"):
+      loop.train_and_evaluate(config, str(tmp_path / "w"))
+  finally:
+    jax.config.update("jax_log_compiles", previous)
+  compiles = [(r.threadName, r.getMessage()) for r in caplog.records
+              if r.getMessage().startswith("Finished XLA compilation of jit(")]
+  step_compiles = [c for c in compiles
+                   if "jit(multi_step)" in c[1] or "jit(train_step)" in c[1]]
+  assert len(step_compiles) == 2, compiles  # the 3-step call and the single step
+  assert all(thread.startswith("compile_ahead") for thread, _ in step_compiles), compiles
+  eval_compiles = [c for c in compiles if c[0].startswith("compile_ahead")]
+  assert len(eval_compiles) == 3, compiles  # and the eval step's

@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from decoder_jax.data import tokenizers
 from decoder_jax.peft import combine
 from decoder_jax.train import state as state_lib
-from decoder_jax.train import checkpoint, optimizer, setup, sharding, steps
+from decoder_jax.train import checkpoint, compile_ahead, optimizer, setup, sharding, steps
 from decoder_jax.train.metrics import MetricWriter, Progress
 # Re-exported: inference, pretrained and convert name a workdir's model config file by it.
 from decoder_jax.train.setup import MODEL_CONFIG_FILE
@@ -101,10 +101,14 @@ class DevicePrefetch:
   def __iter__(self):
     return self
 
-  def __next__(self):
+  def peek(self):
+    """(n, batches) of the next call, without taking it."""
     if self._ahead is None:
       self._ahead = self._read()  # StopIteration here: nothing left
-    _, size, batches = self._ahead
+    return self._ahead[1:]
+
+  def __next__(self):
+    size, batches = self.peek()
     try:
       self._ahead = self._read()
     except StopIteration:  # no calls left, or a finite source ended
@@ -157,6 +161,25 @@ def split_host_cpu(num_devices) -> None:
 def _global_batch(local_batch: dict, batch_sharding) -> dict:
   return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
           for k, v in local_batch.items()}
+
+
+def _abstract(tree):
+  """Shapes, dtypes and shardings of the arrays in `tree`."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                      tree)
+
+
+def _abstract_batch(batches, size, wanted_size, batch_sharding, stacked_sharding):
+  """The abstract input of a `wanted_size`-step call, from one `size`-step call's
+  `batches` (one batch, or `size` stacked [size, batch, ...])."""
+
+  def one(x):
+    shape = x.shape if size == 1 else x.shape[1:]  # one batch
+    if wanted_size == 1:
+      return jax.ShapeDtypeStruct(shape, x.dtype, sharding=batch_sharding)
+    return jax.ShapeDtypeStruct((wanted_size, *shape), x.dtype, sharding=stacked_sharding)
+
+  return jax.tree.map(one, batches)
 
 
 def evaluate(eval_step, params, frozen, datasets, batch_sharding) -> float:
@@ -286,31 +309,13 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
   model_config, model, datasets = run.model_config, run.model, run.datasets
   tx = optimizer.make_optimizer(train_cfg)
   init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
-  abstract, state_shardings, _, frozen_shardings = setup.abstract_state(run, tx, mesh, config)
+  abstract, state_shardings, abstract_frozen, frozen_shardings = setup.abstract_state(
+      run, tx, mesh, config)
   if resuming:
     state, data_state = checkpoint.restore(manager, abstract)
     datasets.train_iter.set_state(data_state)
     logging.info("resumed from %s at step %d", manager.directory, int(state.step))
-  if not resuming or lora:  # LoRA checkpoints hold the trainable half only
-    trainable, frozen = setup.split_params(run, setup.initial_params(run, mesh, init_rng),
-                                           frozen_shardings, config)
-    if not resuming:
-      state = state_lib.state_from_params(trainable, tx, state_shardings)
-    del trainable
-  else:
-    frozen = {}
-  run.start = None  # the source's copy of the weights is no longer needed
-  if is_writer:  # after the restore, so a refused checkpoint leaves the workdir as it was
-    with open(os.path.join(workdir, MODEL_CONFIG_FILE), "w") as f:
-      json.dump(model_config.to_dict(), f, indent=2)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-    tokenizers.save_tokenizer(run.tokenizer, workdir)
-  num_trainable = state_lib.count_params(state.params)
-  num_total = num_trainable + state_lib.count_params(frozen)
-  logging.info("model: %s, %.3fM parameters, %.3fM trainable (%.2f%%); mesh %s",
-               model_config.family, num_total / 1e6, num_trainable / 1e6,
-               100 * num_trainable / num_total, dict(mesh.shape))
+  first_step = int(state.step) if resuming else 0
 
   batch_sharding = sharding.batch_sharding(mesh)
   dropout = model_config.dropout > 0 or (lora and model_config.lora.dropout > 0)
@@ -334,12 +339,54 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
   eval_loss_sums = steps.make_eval_step(model, train_cfg.get("loss_chunk_size"))
   eval_step = jax.jit(lambda params, frozen, batch: eval_loss_sums(combine(params, frozen), batch),
                       in_shardings=(state_shardings.params, frozen_shardings, batch_sharding))
+
+  num_steps = train_cfg.num_steps
+  stop_at = train_cfg.get("stop_at_step") or num_steps
+  end_step = min(num_steps, stop_at)
+  call_list = list(call_sizes(first_step, end_step, per_call))
+  batches = DevicePrefetch(datasets.train_iter, to_device, call_list)
+  # The train and eval steps compile on worker threads while the parameters are made.
+  ahead = compile_ahead.AheadOfTime(lambda: (jax.set_mesh(mesh), nn.logical_axis_rules(
+      sharding.LOGICAL_AXIS_RULES)))
+  step_programs = {}
+  if call_list:
+    first_size, first_batches = batches.peek()
+    for size in sorted(set(call_list)):
+      batch_shape = _abstract_batch(first_batches, first_size, size, batch_sharding,
+                                    stacked_sharding)
+      step_programs[size] = ahead.program(train_step if size == 1 else multi_step, abstract,
+                                          abstract_frozen, batch_shape, dropout_rng,
+                                          varying_argnums=(2,))  # the batch
+  first_eval = next(iter(datasets.eval_batches()), None)
+  if first_eval is not None:
+    eval_step = ahead.program(eval_step, abstract.params, abstract_frozen,
+                              _abstract(_global_batch(first_eval, batch_sharding)))
+
+  if not resuming or lora:  # LoRA checkpoints hold the trainable half only
+    trainable, frozen = setup.split_params(run, setup.initial_params(run, mesh, init_rng),
+                                           frozen_shardings, config)
+    if not resuming:
+      state = state_lib.state_from_params(trainable, tx, state_shardings)
+    del trainable
+  else:
+    frozen = {}
+  run.start = None  # the source's copy of the weights is no longer needed
+  if is_writer:  # after the restore, so a refused checkpoint leaves the workdir as it was
+    with open(os.path.join(workdir, MODEL_CONFIG_FILE), "w") as f:
+      json.dump(model_config.to_dict(), f, indent=2)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+    tokenizers.save_tokenizer(run.tokenizer, workdir)
+  num_trainable = state_lib.count_params(state.params)
+  num_total = num_trainable + state_lib.count_params(frozen)
+  logging.info("model: %s, %.3fM parameters, %.3fM trainable (%.2f%%); mesh %s",
+               model_config.family, num_total / 1e6, num_trainable / 1e6,
+               100 * num_trainable / num_total, dict(mesh.shape))
+
   task_evaluator = TaskEvaluator(config, workdir, run, is_writer)
 
   step = int(state.step)
   writer = MetricWriter(workdir, enabled=is_writer, resume_step=step)
-  num_steps = train_cfg.num_steps
-  stop_at = train_cfg.get("stop_at_step") or num_steps
   progress = Progress(num_steps, train_cfg.batch_size * run.seq_len, step)
   pending = []  # device metrics since the last log, fetched together
   # A log step's metrics are fetched after the next step is dispatched, so the host never
@@ -349,8 +396,6 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
   start = time.perf_counter()
   profiler = _Profiler(workdir, step, train_cfg.get("profile_steps"), is_writer)
   in_flight = InFlightSteps()
-  end_step = min(num_steps, stop_at)
-  batches = DevicePrefetch(datasets.train_iter, to_device, call_sizes(step, end_step, per_call))
   # One compiled program: evaluated op by op, the schedule would compile each of its ~10
   # operations separately on first use (about 0.6 s of start-up on a 2-core CPU).
   learning_rate_at = jax.jit(optimizer.learning_rate_schedule(train_cfg))
@@ -375,8 +420,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
           nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES)):
       while step < end_step and stop.signal_name is None:
         size, batch = next(batches)
-        state, metrics = (train_step if size == 1 else multi_step)(state, frozen, batch,
-                                                                   dropout_rng)
+        state, metrics = step_programs[size](state, frozen, batch, dropout_rng)
         in_flight.add(metrics["loss"])
         step += size
         profiler.after_step(step, metrics)
@@ -402,6 +446,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
         if force or manager.should_save(step):
           checkpoint.save(manager, step, state, batches.get_state(), force=force)
   finally:  # an exception still lets an in-flight checkpoint finish writing
+    ahead.close()
     profiler.stop()
     manager.wait_until_finished()
     manager.close()
