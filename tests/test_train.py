@@ -495,22 +495,50 @@ def test_best_params_are_replaced_only_once_the_new_copy_is_complete(tmp_path, m
 
 
 def test_train_and_eval_steps_compile_once_on_the_compile_workers(data_dir, tmp_path, caplog):
-  """The loop runs the steps compiled ahead (while the parameters were made) and never
-  compiles them again on the main thread."""
-  config = tiny_config(data_dir, tmp_path, num_steps=7, log_every=3, eval_every=3,
-                       checkpoint_every=3, steps_per_call=3)  # calls of 3, 3, then 1 step
-  previous = jax.config.jax_log_compiles
-  jax.config.update("jax_log_compiles", True)  # global: the workers see it too
-  try:
-    with caplog.at_level("WARNING"):
-      loop.train_and_evaluate(config, str(tmp_path / "w"))
-  finally:
-    jax.config.update("jax_log_compiles", previous)
-  compiles = [(r.threadName, r.getMessage()) for r in caplog.records
-              if r.getMessage().startswith("Finished XLA compilation of jit(")]
-  step_compiles = [c for c in compiles
-                   if "jit(multi_step)" in c[1] or "jit(train_step)" in c[1]]
-  assert len(step_compiles) == 2, compiles  # the 3-step call and the single step
-  assert all(thread.startswith("compile_ahead") for thread, _ in step_compiles), compiles
-  eval_compiles = [c for c in compiles if c[0].startswith("compile_ahead")]
-  assert len(eval_compiles) == 3, compiles  # and the eval step's
+  """The loop runs the steps compiled ahead (while the parameters were initialised or
+  restored) and never compiles them again on the main thread."""
+
+  def compiles_of_a_run(num_steps):
+    config = tiny_config(data_dir, tmp_path, num_steps=num_steps, log_every=3, eval_every=3,
+                         checkpoint_every=3, steps_per_call=3)
+    caplog.clear()
+    previous = jax.config.jax_log_compiles
+    jax.config.update("jax_log_compiles", True)  # global: the workers see it too
+    try:
+      with caplog.at_level("WARNING"):
+        loop.train_and_evaluate(config, str(tmp_path / "w"))
+    finally:
+      jax.config.update("jax_log_compiles", previous)
+    compiles = [(r.threadName, r.getMessage()) for r in caplog.records
+                if r.getMessage().startswith("Finished XLA compilation of jit(")]
+    steps_ = [c for c in compiles if "jit(multi_step)" in c[1] or "jit(train_step)" in c[1]]
+    assert all(thread.startswith("compile_ahead") for thread, _ in steps_), compiles
+    ahead = [c for c in compiles if c[0].startswith("compile_ahead")]
+    return steps_, ahead
+
+  steps_, ahead = compiles_of_a_run(7)  # calls of 3, 3, then 1 step
+  assert sorted(m.split()[4] for _, m in steps_) == ["jit(multi_step)", "jit(train_step)"]
+  assert len(ahead) == 3, ahead  # and the eval step's
+  steps_, ahead = compiles_of_a_run(10)  # resumed at step 7: three single steps
+  assert [m.split()[4] for _, m in steps_] == ["jit(train_step)"]
+  assert len(ahead) == 2, ahead
+
+
+def test_peeking_at_the_batch_shapes_leaves_the_training_iterator_in_place(data_dir, tmp_path):
+  from decoder_jax.data import pipeline
+  config = tiny_config(data_dir, tmp_path)
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:2])
+
+  def fresh_iterator():
+    return pipeline.make_datasets(config.data, seq_len=16, global_batch_size=8,
+                                  seed=config.seed).train_iter
+
+  expected = [next(fresh_iterator()) for _ in range(1)][0]
+  iterator = fresh_iterator()
+  shapes = loop._peek_abstract_batch(iterator, sharding.batch_sharding(mesh))
+  assert {k: (v.shape, v.dtype) for k, v in shapes.items()} == {
+      k: (np.shape(v), np.asarray(v).dtype) for k, v in expected.items()}
+  assert all(s.sharding == sharding.batch_sharding(mesh) for s in shapes.values())
+  first = next(iterator)
+  for key in expected:
+    np.testing.assert_array_equal(first[key], expected[key])

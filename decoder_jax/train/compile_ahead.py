@@ -1,12 +1,12 @@
 """Compiling the loop's train and eval steps on worker threads while the run sets up.
 
-XLA compiles a program on one core, and a run used to compile its parameter init, its
-train step and its eval step one after another, each when first called (shakespeare CPU
-recipe on 2 cores: init 2.1 s, train step 0.9 s tracing + 3.4 s compiling, eval step
-0.9 s). The steps' arguments are known before the parameters exist — their shapes, dtypes
-and shardings (jax.ShapeDtypeStruct) — so the loop hands them to `AheadOfTime`, whose
-threads trace and compile the steps while the main thread initialises or restores the
-parameters.
+A run used to compile its parameter init, its train step and its eval step one after
+another, each when first called (shakespeare CPU recipe on 2 cores: init 2.1 s, train
+step 0.9 s tracing + 3.4 s compiling, eval step 0.9 s). The steps' arguments are known
+before the parameters exist (their shapes, dtypes and shardings, as jax.ShapeDtypeStruct),
+so the loop hands them to `AheadOfTime`, whose threads trace and compile the steps while
+the main thread restores or initialises the parameters. XLA's CPU compiler already keeps
+more than one core busy, so on 2 cores this saves ~2.4 s rather than the compiles' sum.
 """
 
 from __future__ import annotations

@@ -101,14 +101,10 @@ class DevicePrefetch:
   def __iter__(self):
     return self
 
-  def peek(self):
-    """(n, batches) of the next call, without taking it."""
+  def __next__(self):
     if self._ahead is None:
       self._ahead = self._read()  # StopIteration here: nothing left
-    return self._ahead[1:]
-
-  def __next__(self):
-    size, batches = self.peek()
+    _, size, batches = self._ahead
     try:
       self._ahead = self._read()
     except StopIteration:  # no calls left, or a finite source ended
@@ -169,17 +165,21 @@ def _abstract(tree):
                       tree)
 
 
-def _abstract_batch(batches, size, wanted_size, batch_sharding, stacked_sharding):
-  """The abstract input of a `wanted_size`-step call, from one `size`-step call's
-  `batches` (one batch, or `size` stacked [size, batch, ...])."""
+def _peek_abstract_batch(iterator, batch_sharding):
+  """Shapes, dtypes and shardings of the iterator's next (global) batch; the iterator is
+  set back to where it was."""
+  position = iterator.get_state()
+  batch = next(iterator)
+  iterator.set_state(position)
+  return _abstract(_global_batch(batch, batch_sharding))
 
-  def one(x):
-    shape = x.shape if size == 1 else x.shape[1:]  # one batch
-    if wanted_size == 1:
-      return jax.ShapeDtypeStruct(shape, x.dtype, sharding=batch_sharding)
-    return jax.ShapeDtypeStruct((wanted_size, *shape), x.dtype, sharding=stacked_sharding)
 
-  return jax.tree.map(one, batches)
+def _stacked_abstract(one_batch, size, stacked_sharding):
+  """The input of a `size`-step call: `one_batch` itself, or `size` of it stacked."""
+  if size == 1:
+    return one_batch
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct((size, *x.shape), x.dtype,
+                                                     sharding=stacked_sharding), one_batch)
 
 
 def evaluate(eval_step, params, frozen, datasets, batch_sharding) -> float:
@@ -311,11 +311,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
   init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
   abstract, state_shardings, abstract_frozen, frozen_shardings = setup.abstract_state(
       run, tx, mesh, config)
-  if resuming:
-    state, data_state = checkpoint.restore(manager, abstract)
-    datasets.train_iter.set_state(data_state)
-    logging.info("resumed from %s at step %d", manager.directory, int(state.step))
-  first_step = int(state.step) if resuming else 0
+  first_step = manager.latest_step() if resuming else 0  # the step restore() reads
 
   batch_sharding = sharding.batch_sharding(mesh)
   dropout = model_config.dropout > 0 or (lora and model_config.lora.dropout > 0)
@@ -344,32 +340,40 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
   stop_at = train_cfg.get("stop_at_step") or num_steps
   end_step = min(num_steps, stop_at)
   call_list = list(call_sizes(first_step, end_step, per_call))
-  batches = DevicePrefetch(datasets.train_iter, to_device, call_list)
-  # The train and eval steps compile on worker threads while the parameters are made.
+  # The train and eval steps compile on worker threads while the parameters are restored
+  # or initialised.
   ahead = compile_ahead.AheadOfTime(lambda: (jax.set_mesh(mesh), nn.logical_axis_rules(
       sharding.LOGICAL_AXIS_RULES)))
-  step_programs = {}
-  if call_list:
-    first_size, first_batches = batches.peek()
-    for size in sorted(set(call_list)):
-      batch_shape = _abstract_batch(first_batches, first_size, size, batch_sharding,
-                                    stacked_sharding)
-      step_programs[size] = ahead.program(train_step if size == 1 else multi_step, abstract,
-                                          abstract_frozen, batch_shape, dropout_rng,
-                                          varying_argnums=(2,))  # the batch
-  first_eval = next(iter(datasets.eval_batches()), None)
-  if first_eval is not None:
-    eval_step = ahead.program(eval_step, abstract.params, abstract_frozen,
-                              _abstract(_global_batch(first_eval, batch_sharding)))
+  try:
+    step_programs = {}
+    if call_list:
+      one_batch = _peek_abstract_batch(datasets.train_iter, batch_sharding)
+      for size in sorted(set(call_list)):
+        step_programs[size] = ahead.program(
+            train_step if size == 1 else multi_step, abstract, abstract_frozen,
+            _stacked_abstract(one_batch, size, stacked_sharding), dropout_rng,
+            varying_argnums=(2,))  # the batch
+    first_eval = next(iter(datasets.eval_batches()), None)
+    if first_eval is not None:
+      eval_step = ahead.program(eval_step, abstract.params, abstract_frozen,
+                                _abstract(_global_batch(first_eval, batch_sharding)))
 
-  if not resuming or lora:  # LoRA checkpoints hold the trainable half only
-    trainable, frozen = setup.split_params(run, setup.initial_params(run, mesh, init_rng),
-                                           frozen_shardings, config)
-    if not resuming:
-      state = state_lib.state_from_params(trainable, tx, state_shardings)
-    del trainable
-  else:
-    frozen = {}
+    if resuming:
+      state, data_state = checkpoint.restore(manager, abstract, first_step)
+      datasets.train_iter.set_state(data_state)
+      logging.info("resumed from %s at step %d", manager.directory, int(state.step))
+    if not resuming or lora:  # LoRA checkpoints hold the trainable half only
+      trainable, frozen = setup.split_params(run, setup.initial_params(run, mesh, init_rng),
+                                             frozen_shardings, config)
+      if not resuming:
+        state = state_lib.state_from_params(trainable, tx, state_shardings)
+      del trainable
+    else:
+      frozen = {}
+  except BaseException:
+    ahead.close()  # compiles not yet started are dropped
+    raise
+  batches = DevicePrefetch(datasets.train_iter, to_device, call_list)
   run.start = None  # the source's copy of the weights is no longer needed
   if is_writer:  # after the restore, so a refused checkpoint leaves the workdir as it was
     with open(os.path.join(workdir, MODEL_CONFIG_FILE), "w") as f:
