@@ -1,5 +1,7 @@
 """compile_ahead: steps compiled on worker threads are the ones the loop then runs."""
 
+import os
+import sys
 import threading
 
 import flax.linen as nn
@@ -91,3 +93,21 @@ def test_shardings_of_the_abstract_arguments_are_compiled_in():
     out = program(jax.device_put(jnp.arange(4.0), spread))
   np.testing.assert_allclose(out, [0.0, 2.0, 4.0, 6.0])
   assert out.sharding == spread
+
+
+def test_background_programs_compile_on_a_lowest_priority_thread():
+  seen = []
+
+  def fn(x):
+    seen.append((threading.current_thread().name,
+                 os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+    return x * 3
+
+  with compile_ahead.AheadOfTime() as ahead:
+    program = ahead.program(jax.jit(fn), jax.ShapeDtypeStruct((2,), jnp.float32),
+                            background=True)
+    np.testing.assert_allclose(program(jnp.ones(2)), [3.0, 3.0])
+  (thread, nice), = seen
+  assert thread.startswith("compile_ahead_background")
+  if sys.platform.startswith("linux"):
+    assert nice == 19

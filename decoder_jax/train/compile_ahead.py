@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import os
+import threading
 from typing import Any, Callable, Iterable
 
 import jax
@@ -23,6 +25,14 @@ def signature(args) -> tuple:
   and dtype (concrete arrays and jax.ShapeDtypeStruct alike)."""
   leaves, treedef = jax.tree.flatten(args)
   return treedef, tuple((tuple(leaf.shape), leaf.dtype) for leaf in leaves)
+
+
+def _lowest_priority() -> None:
+  """Nice 19 for the calling thread (Linux: a thread id is a PRIO_PROCESS target)."""
+  try:
+    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+  except (AttributeError, OSError):  # not Linux, or not allowed: keep the priority
+    pass
 
 
 class Program:
@@ -63,15 +73,19 @@ class AheadOfTime:
   rules); they are entered in the worker, since both are per thread.
   """
 
-  def __init__(self, contexts: Callable[[], Iterable[Any]] = tuple, workers: int = 2):
+  def __init__(self, contexts: Callable[[], Iterable[Any]] = tuple, workers: int = 1):
     self._contexts = contexts
     self._pool = concurrent.futures.ThreadPoolExecutor(workers,
                                                        thread_name_prefix="compile_ahead")
+    self._background = concurrent.futures.ThreadPoolExecutor(
+        1, thread_name_prefix="compile_ahead_background", initializer=_lowest_priority)
 
-  def program(self, jitted, *abstract_args,
-              varying_argnums: tuple[int, ...] | None = None) -> Program:
+  def program(self, jitted, *abstract_args, varying_argnums: tuple[int, ...] | None = None,
+              background: bool = False) -> Program:
     """Starts compiling `jitted` for `abstract_args` (arrays or jax.ShapeDtypeStruct
-    with their shardings) and returns the callable that will use the result."""
+    with their shardings) and returns the callable that will use the result.
+    `background`: on a thread at the lowest CPU priority (Linux), for a program needed
+    later (the eval step), whose compile should use only cores nothing else wants."""
 
     def compile_():
       with contextlib.ExitStack() as stack:
@@ -79,12 +93,13 @@ class AheadOfTime:
           stack.enter_context(context)
         return jitted.lower(*abstract_args).compile()
 
-    return Program(jitted, self._pool.submit(compile_), signature(abstract_args),
-                   varying_argnums)
+    pool = self._background if background else self._pool
+    return Program(jitted, pool.submit(compile_), signature(abstract_args), varying_argnums)
 
   def close(self) -> None:
     """Drops compiles not yet started (a compile under way still finishes)."""
     self._pool.shutdown(wait=False, cancel_futures=True)
+    self._background.shutdown(wait=False, cancel_futures=True)
 
   def __enter__(self):
     return self

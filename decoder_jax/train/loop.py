@@ -352,11 +352,13 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
         step_programs[size] = ahead.program(
             train_step if size == 1 else multi_step, abstract, abstract_frozen,
             _stacked_abstract(one_batch, size, stacked_sharding), dropout_rng,
-            varying_argnums=(2,))  # the batch
+            varying_argnums=(2,),  # the batch
+            background=size != call_list[0])  # e.g. single steps for a tail
     first_eval = next(iter(datasets.eval_batches()), None)
     if first_eval is not None:
       eval_step = ahead.program(eval_step, abstract.params, abstract_frozen,
-                                _abstract(_global_batch(first_eval, batch_sharding)))
+                                _abstract(_global_batch(first_eval, batch_sharding)),
+                                background=True)
 
     if resuming:
       state, data_state = checkpoint.restore(manager, abstract, first_step)
