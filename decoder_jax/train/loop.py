@@ -183,13 +183,17 @@ def _stacked_abstract(one_batch, size, stacked_sharding):
 
 
 def evaluate(eval_step, params, frozen, datasets, batch_sharding) -> float:
-  """Mean weighted loss over the (main) eval batches."""
-  total, weight = 0.0, 0.0
+  """Mean weighted loss over the (main) eval batches: each batch dispatched while the
+  previous ones run (at most two in flight, see InFlightSteps), one fetch at the end."""
+  in_flight = InFlightSteps()
+  sums = []  # (loss sum, weight sum) of each batch, on the device
   for batch in datasets.eval_batches():
-    loss_sum, weight_sum = eval_step(params, frozen, _global_batch(batch, batch_sharding))
-    total += float(loss_sum)
-    weight += float(weight_sum)
-  return total / max(weight, 1.0)
+    sums.append(eval_step(params, frozen, _global_batch(batch, batch_sharding)))
+    in_flight.add(sums[-1][0])
+  if not sums:
+    return 0.0
+  total, weight = np.asarray(jax.device_get(sums), np.float64).sum(axis=0)  # [2]
+  return float(total / max(weight, 1.0))
 
 
 class _Profiler:
