@@ -321,15 +321,16 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
   dropout = model_config.dropout > 0 or (lora and model_config.lora.dropout > 0)
   step_fn = steps.make_train_step(model, train_cfg.grad_accum_steps, dropout=dropout,
                                   loss_chunk_size=train_cfg.get("loss_chunk_size"))
-  train_step = jax.jit(step_fn, in_shardings=(state_shardings, frozen_shardings, batch_sharding,
-                                              None),
-                       out_shardings=(state_shardings, None), donate_argnums=0)
+
+  def jit_step(fn, batches_sharding):  # (state, frozen, batch(es), rng) -> (state, metrics)
+    return jax.jit(fn, in_shardings=(state_shardings, frozen_shardings, batches_sharding, None),
+                   out_shardings=(state_shardings, None), donate_argnums=0)
+
+  train_step = jit_step(step_fn, batch_sharding)
   # train.steps_per_call > 1: that many steps per call, their batches stacked [steps, ...].
   per_call = train_cfg.get("steps_per_call") or 1
   stacked_sharding = NamedSharding(mesh, P(None, *batch_sharding.spec))
-  multi_step = jax.jit(steps.make_multi_step(step_fn),
-                       in_shardings=(state_shardings, frozen_shardings, stacked_sharding, None),
-                       out_shardings=(state_shardings, None), donate_argnums=0)
+  multi_step = jit_step(steps.make_multi_step(step_fn), stacked_sharding)
 
   def to_device(host_batches):
     if len(host_batches) == 1:
