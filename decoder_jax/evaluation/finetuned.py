@@ -157,14 +157,14 @@ def _mean_loss(model, params, batches) -> float:
 
 
 def _restore_trainable(workdir, weights, run, tx, mesh, config, like):
-  from decoder_jax.train import checkpoint, setup
+  from decoder_jax.train import checkpoint, setup, sharding
 
   best_json = os.path.join(workdir, "best.json")
   if weights == "best" and os.path.exists(best_json):
     with open(best_json) as f:
       best = json.load(f)
     restored = checkpoint.restore_params(os.path.join(os.path.abspath(workdir), "best"),
-                                         _abstract_like(like))
+                                         sharding.abstract_like(like))
     return restored, {"weights": f"best by {best['metric']} ({best['value']:.4f}) at step "
                                  f"{best['step']}", "workdir": workdir}
   abstract, *_ = setup.abstract_state(run, tx, mesh, config)
@@ -176,10 +176,3 @@ def _restore_trainable(workdir, weights, run, tx, mesh, config, like):
   manager.close()
   return state.params, {"weights": f"latest checkpoint, step {int(state.step)}",
                         "workdir": workdir}
-
-
-def _abstract_like(tree):
-  import jax
-
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                      tree)

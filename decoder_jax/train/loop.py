@@ -159,19 +159,13 @@ def _global_batch(local_batch: dict, batch_sharding) -> dict:
           for k, v in local_batch.items()}
 
 
-def _abstract(tree):
-  """Shapes, dtypes and shardings of the arrays in `tree`."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                      tree)
-
-
 def _peek_abstract_batch(iterator, batch_sharding):
   """Shapes, dtypes and shardings of the iterator's next (global) batch; the iterator is
   set back to where it was."""
   position = iterator.get_state()
   batch = next(iterator)
   iterator.set_state(position)
-  return _abstract(_global_batch(batch, batch_sharding))
+  return sharding.abstract_like(_global_batch(batch, batch_sharding))
 
 
 def _stacked_abstract(one_batch, size, stacked_sharding):
@@ -362,7 +356,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
     first_eval = next(iter(datasets.eval_batches()), None)
     if first_eval is not None:
       eval_step = ahead.program(eval_step, abstract.params, abstract_frozen,
-                                _abstract(_global_batch(first_eval, batch_sharding)),
+                                sharding.abstract_like(_global_batch(first_eval, batch_sharding)),
                                 background=True)
 
     if resuming:

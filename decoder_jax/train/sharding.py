@@ -81,3 +81,9 @@ def shardings_for(abstract_boxed_tree, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(("data", "fsdp")))
+
+
+def abstract_like(tree):
+  """jax.ShapeDtypeStruct of each array in `tree`: its shape, dtype and sharding."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                      tree)
