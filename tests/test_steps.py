@@ -1,14 +1,20 @@
-"""Train-step numerics: the chunked loss equals the plain one (values and gradients), and
-every remat policy gives the same gradients as none."""
+"""Train-step numerics: the chunked loss equals the plain one (values and gradients),
+every remat policy gives the same gradients as none, and the flat gradient all-reduce
+trains like the sharded step."""
+
+import re
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from decoder_jax.model import Decoder, ModelConfig
-from decoder_jax.train import steps
+from decoder_jax.train import sharding, steps
+from decoder_jax.train import state as state_lib
 
 CONFIGS = {
     "gpt2_tied": dict(family="gpt2", vocab_size=97, num_layers=2, num_heads=4, width=32,
@@ -96,3 +102,67 @@ def test_remat_accepts_old_booleans_and_rejects_unknown_policies():
   assert ModelConfig(remat=True).remat == "full" and ModelConfig(remat=False).remat == "none"
   with pytest.raises(ValueError, match="model.remat must be one of"):
     ModelConfig(remat="sometimes")
+
+
+def data_parallel_run(step_fn, params, batch, mesh, num_steps=2):
+  """num_steps of step_fn on `mesh`, every array replicated but the batch: (final params,
+  [metrics], compiled HLO text)."""
+  whole, rows = NamedSharding(mesh, P()), sharding.batch_sharding(mesh)
+  tx = optax.adamw(1e-2)
+  state = state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                               opt_state=tx.init(params), tx=tx)
+  jitted = jax.jit(step_fn, in_shardings=(whole, whole, rows, whole),
+                   out_shardings=(whole, whole))
+  metrics = []
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+    hlo = jitted.lower(state, {}, batch, jax.random.key(3)).compile().as_text()
+    for _ in range(num_steps):
+      state, m = jitted(state, {}, batch, jax.random.key(3))
+      metrics.append(jax.device_get(m))
+  return state.params, metrics, hlo
+
+
+def data_mesh(num_devices):
+  return sharding.make_mesh(dict(data=num_devices, fsdp=1, tensor=1),
+                            jax.devices()[:num_devices])
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_flat_gradient_allreduce_trains_like_the_sharded_step(accum):
+  model, params, _ = setup(CONFIGS["llama_untied"])
+  tokens = np.random.default_rng(2).integers(0, 97, (8, 13)).astype(np.int32)
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+  mesh = data_mesh(4)
+  plain = steps.make_train_step(model, accum, dropout=False)
+  flat = steps.make_train_step(model, accum, dropout=False, flat_allreduce_mesh=mesh)
+  want_params, want_metrics, _ = data_parallel_run(plain, params, batch, mesh)
+  got_params, got_metrics, hlo = data_parallel_run(flat, params, batch, mesh)
+  for got, want in zip(got_metrics, want_metrics):
+    np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-6)
+    np.testing.assert_allclose(got["grad_norm"], want["grad_norm"], rtol=1e-5)
+  for got, want in zip(jax.tree.leaves(got_params), jax.tree.leaves(want_params)):
+    np.testing.assert_allclose(got, want, atol=1e-6)
+  # One all-reduce, carrying every gradient as one float32 vector.
+  reduces = [line for line in hlo.splitlines() if re.search(r"= .* all-reduce(-start)?\(", line)]
+  num_params = sum(x.size for x in jax.tree.leaves(params))
+  assert len(reduces) == 1 and f"f32[{num_params}]" in reduces[0], reduces
+
+
+def test_flat_gradient_allreduce_draws_other_dropout_masks_on_each_device():
+  # The batch's two halves are the same rows. Had both devices drawn the same masks, the
+  # two-device loss would equal the one-device loss of one half (device index 0 on both).
+  model, params, _ = setup(CONFIGS["gpt2_tied"], dropout=0.5)
+  tokens = np.random.default_rng(2).integers(0, 97, (2, 13)).astype(np.int32)
+  half = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+  doubled = jax.tree.map(lambda x: np.concatenate([x, x]), half)
+  losses = {}
+  for name, batch, mesh in [("one", half, data_mesh(1)), ("two", doubled, data_mesh(2))]:
+    step = steps.make_train_step(model, 1, dropout=True, flat_allreduce_mesh=mesh)
+    losses[name] = data_parallel_run(step, params, batch, mesh, num_steps=1)[1][0]["loss"]
+  assert np.isfinite(losses["two"]) and abs(losses["two"] - losses["one"]) > 1e-4, losses
+
+
+def test_flat_gradient_allreduce_refuses_sharded_parameters():
+  mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=1), jax.devices()[:4])
+  with pytest.raises(ValueError, match="needs a data-parallel mesh.*fsdp.*flat_grad_allreduce=False"):
+    steps.make_train_step(None, 1, dropout=False, flat_allreduce_mesh=mesh)

@@ -67,7 +67,8 @@ def test_mesh_2x2x2_matches_single_device(data_dir, tmp_path):
   losses = {}
   for name, mesh, devices in [("one", dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]),
                               ("eight", dict(data=2, fsdp=2, tensor=2), jax.devices())]:
-    config = tiny_config(data_dir, tmp_path, num_steps=5)
+    # The recipe's flat gradient all-reduce needs whole parameters: off on the 2x2x2 mesh.
+    config = tiny_config(data_dir, tmp_path, num_steps=5, flat_grad_allreduce=name == "one")
     config.mesh.update(mesh)
     loop.train_and_evaluate(config, str(tmp_path / name), devices=devices)
     losses[name] = read_metrics(tmp_path / name, "train/loss")
@@ -226,11 +227,20 @@ def test_mesh_not_matching_devices_is_a_clear_error():
 
 
 def test_batch_not_divisible_by_data_parallel_size(data_dir, tmp_path):
-  config = tiny_config(data_dir, tmp_path, batch_size=6)
-  config.mesh.update(dict(data=4, fsdp=2, tensor=1))
+  # Meshes that fit 2 devices (the recipe's, when this test runs first) or the 8 forced ones.
+  config = tiny_config(data_dir, tmp_path, batch_size=7)
+  config.mesh.update(dict(data=-1, fsdp=2, tensor=1))
   with pytest.raises(ValueError, match="divisible by the data-parallel size"):
     loop.train_and_evaluate(config, str(tmp_path / "w"))
   assert not (tmp_path / "w").exists()  # nothing written before the check
+
+
+def test_flat_gradient_allreduce_on_sharded_parameters_is_refused_up_front(data_dir, tmp_path):
+  config = tiny_config(data_dir, tmp_path)  # the CPU recipe sets train.flat_grad_allreduce
+  config.mesh.update(dict(data=-1, fsdp=1, tensor=2))
+  with pytest.raises(ValueError, match=r"shards them over \['tensor'\]"):
+    loop.train_and_evaluate(config, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
 
 
 def test_unknown_config_field_is_rejected_by_the_cli(data_dir, tmp_path):

@@ -34,6 +34,8 @@ def check_batch_layout(train_config, mesh) -> None:
     raise ValueError(
         f"the micro-batch (train.batch_size / grad_accum_steps = {batch // accum}) must be "
         f"divisible by the data-parallel size data*fsdp = {dp} of mesh {dict(mesh.shape)}")
+  if train_config.get("flat_grad_allreduce"):
+    steps.check_data_parallel(mesh)
   per_call = train_config.get("steps_per_call") or 1
   if per_call < 1:
     raise ValueError(f"train.steps_per_call must be at least 1, got {per_call}")
@@ -313,8 +315,10 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
 
   batch_sharding = sharding.batch_sharding(mesh)
   dropout = model_config.dropout > 0 or (lora and model_config.lora.dropout > 0)
-  step_fn = steps.make_train_step(model, train_cfg.grad_accum_steps, dropout=dropout,
-                                  loss_chunk_size=train_cfg.get("loss_chunk_size"))
+  step_fn = steps.make_train_step(
+      model, train_cfg.grad_accum_steps, dropout=dropout,
+      loss_chunk_size=train_cfg.get("loss_chunk_size"),
+      flat_allreduce_mesh=mesh if train_cfg.get("flat_grad_allreduce") else None)
 
   def jit_step(fn, batches_sharding):  # (state, frozen, batch(es), rng) -> (state, metrics)
     return jax.jit(fn, in_shardings=(state_shardings, frozen_shardings, batches_sharding, None),

@@ -16,9 +16,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # a batch's rows are split over these (LOGICAL_AXIS_RULES' batch)
 
 LOGICAL_AXIS_RULES = (
-    ("batch", ("data", "fsdp")),
+    ("batch", BATCH_AXES),
     ("length", None),
     ("embed", "fsdp"),
     ("heads", "tensor"),
@@ -80,7 +81,7 @@ def shardings_for(abstract_boxed_tree, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P(("data", "fsdp")))
+  return NamedSharding(mesh, P(BATCH_AXES))
 
 
 def abstract_like(tree):
