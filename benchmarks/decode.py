@@ -189,7 +189,7 @@ class JaxSide:
         positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
         last = jnp.full((batch,), length - 1, jnp.int32)  # logits of the last token only
         logits, cache = Decoder(config).apply({"params": params}, prompts, positions=positions,
-                                              cache=cache, logits_at=last)
+                                              cache=cache, logits_at=last, empty_cache=True)
         return jnp.argmax(logits, axis=-1), cache
 
       self._prefill = prefill

@@ -33,6 +33,17 @@ def cpu_name() -> str:
   return platform.processor() or platform.machine()
 
 
+def matmul_features() -> str:
+  """The CPU's matrix instruction sets that decide XLA's bfloat16 dot speed (Linux)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+  except OSError:
+    return "unknown"
+  wanted = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2")
+  return ", ".join(f for f in wanted if f in flags) or "none of " + "/".join(wanted)
+
+
 def busy_cpu_seconds():
   """Busy CPU seconds of the whole machine (all cores), or None off Linux."""
   try:

@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 
-from machine import cores, version  # benchmarks/machine.py
+from machine import busy_cpu_seconds, cores, cpu_name, matmul_features, version  # benchmarks/machine.py
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TORCH_SCRIPT = REPO / "benchmarks" / "torch_reference_shakespeare.py"
@@ -65,18 +65,6 @@ def _tail(path: pathlib.Path, n: int = 30) -> str:
     return ""
 
 
-def _busy_cpu_seconds():
-  """CPU seconds the whole machine has spent busy since boot (Linux), or None."""
-  try:
-    with open("/proc/stat") as f:
-      fields = [int(v) for v in f.readline().split()[1:]]
-  except (OSError, ValueError):
-    return None
-  idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-  busy = sum(fields[:8]) - idle  # user nice system idle iowait irq softirq steal
-  return busy / os.sysconf("SC_CLK_TCK")
-
-
 def _children_cpu_seconds():
   ru = resource.getrusage(resource.RUSAGE_CHILDREN)
   return ru.ru_utime + ru.ru_stime
@@ -89,14 +77,14 @@ def _run(cmd, env, log_path: pathlib.Path, cores: int):
   machine's cores that processes other than cmd kept busy while it ran (a
   contention check: near 0 on an otherwise idle machine), or None.
   """
-  busy0, child0 = _busy_cpu_seconds(), _children_cpu_seconds()
+  busy0, child0 = busy_cpu_seconds(), _children_cpu_seconds()
   with open(log_path, "w") as log:
     t0 = time.perf_counter()
     rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log,
                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
                         ).returncode
     wall = time.perf_counter() - t0
-  busy1, child1 = _busy_cpu_seconds(), _children_cpu_seconds()
+  busy1, child1 = busy_cpu_seconds(), _children_cpu_seconds()
   others = None
   if busy0 is not None and busy1 is not None:
     others = max(0.0, (busy1 - busy0) - (child1 - child0)) / (wall * cores)
@@ -260,7 +248,7 @@ def main(argv=None):
   print("## shakespeare-char CPU recipe: decoder_jax vs PyTorch eager")
   print()
   print(f"- machine: {num_cores} CPU cores usable ({os.cpu_count()} in the OS), "
-        f"{platform.processor() or platform.machine()}; threads per side: "
+        f"{cpu_name()} ({matmul_features()}); threads per side: "
         f"{threads}{' (taskset)' if prefix else ''}")
   print(f"- python {platform.python_version()}, torch {version('torch')}, "
         f"jax {version('jax')}, jaxlib {version('jaxlib')}, "

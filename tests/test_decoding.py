@@ -139,6 +139,28 @@ def test_prefill_at_the_last_positions_only_changes_nothing():
     np.testing.assert_allclose(getattr(last_only, extra), getattr(full, extra), atol=1e-5)
 
 
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_prefill_into_an_empty_cache_attends_over_the_prompt_alone(name, scan_layers):
+  """empty_cache=True (keys of the chunk only, causal) gives the logits and the cache of
+  attending over every cache slot."""
+  config = dataclasses.replace(CONFIGS[name], scan_layers=scan_layers)
+  model, params = setup(config)
+  prompts, _ = pad(RAGGED_PROMPTS)  # [4, 6]
+  cache = init_cache(config, prompts.shape[0], 20)
+
+  def prefill(empty_cache):
+    return model.apply({"params": params}, prompts, cache=cache, empty_cache=empty_cache)
+
+  (all_slots, cache_a), (own_keys, cache_b) = prefill(False), prefill(True)
+  np.testing.assert_allclose(own_keys, all_slots, atol=1e-5)
+  # Layer 0 writes the same keys; later layers' differ by the rounding of their inputs.
+  jax.tree.map(lambda b, a: np.testing.assert_allclose(b, a, atol=1e-6), cache_b, cache_a)
+  # Only the all-slots path scores the 6 queries against the 20 slots.
+  lowered = {e: jax.jit(prefill, static_argnums=0).lower(e).as_text() for e in (False, True)}
+  assert "x6x20xf32>" in lowered[False] and "x6x20xf32>" not in lowered[True]
+
+
 def test_cache_stages_grow_by_block_from_the_prompt():
   assert decoding.loop.cache_stages(32, 288, 64) == [64, 128, 192, 256, 288]
   assert decoding.loop.cache_stages(63, 300, 64) == [64, 128, 192, 256, 300]

@@ -129,6 +129,9 @@ def attend_cache(q, k, v, mask, bf16_operands: bool = False):
 class SelfAttention(nn.Module):
   config: ModelConfig
   deterministic: bool = True
+  # The cache holds nothing before this chunk, at positions 0..length-1 (Decoder's
+  # empty_cache): attend over the chunk itself, causally.
+  empty_cache: bool = False
 
   @nn.compact
   def __call__(self, x, positions, cache=None):
@@ -155,13 +158,14 @@ class SelfAttention(nn.Module):
 
     implementation = resolve_implementation(cfg.attention_impl, q.dtype, cfg.head_dim)
     mixed = layers.bf16_matmuls(cfg)
-    if cache is None:
-      out = attend(q, k, v, implementation, bf16_operands=mixed)
-      new_cache = None
-    else:
+    new_cache = None
+    if cache is not None:
       start = positions[:, 0]  # [batch]; the chunk's positions are contiguous
       new_cache = {"k": _write(cache["k"], k, start, mixed),
                    "v": _write(cache["v"], v, start, mixed)}
+    if cache is None or self.empty_cache:
+      out = attend(q, k, v, implementation, bf16_operands=mixed)
+    else:
       slots = jnp.arange(new_cache["k"].shape[2])  # [cache_length]
       mask = slots[None, None, :] <= positions[:, :, None]  # [batch, length, cache_length]
       out = attend_cache(q, new_cache["k"].astype(q.dtype), new_cache["v"].astype(q.dtype),

@@ -14,11 +14,12 @@ class Block(nn.Module):
   """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
   config: ModelConfig
   deterministic: bool = True
+  empty_cache: bool = False  # see Decoder.__call__
 
   @nn.compact
   def __call__(self, x, positions, cache=None):  # x: [batch, length, embed]
     cfg = self.config
-    h, cache = attention.SelfAttention(cfg, self.deterministic, name="attn")(
+    h, cache = attention.SelfAttention(cfg, self.deterministic, self.empty_cache, name="attn")(
         layers.norm(cfg, "attn_norm")(x), positions, cache)
     x = x + h
     x = x + layers.Mlp(cfg, self.deterministic, name="mlp")(layers.norm(cfg, "mlp_norm")(x))
@@ -60,13 +61,19 @@ class Decoder(nn.Module):
   (train/steps.py), never holding [batch, length, vocab] logits. `logits_at` (int32
   [batch]) returns token logits [batch, vocab] of one position per row only, for
   objectives that score a single position (label words).
+
+  `empty_cache` (a prefill): the cache holds nothing yet and `positions` are
+  0..length-1 in every row, so queries attend causally over the chunk's own keys (also
+  written to the cache) instead of over every cache slot, most of which are masked: the
+  same logits, without scoring all [length, cache_length] query-slot pairs.
   """
   config: ModelConfig
   num_labels: int = 0
 
   @nn.compact
   def __call__(self, tokens, positions=None, cache=None, deterministic: bool = True,
-               last_index=None, return_hidden: bool = False, logits_at=None):
+               last_index=None, return_hidden: bool = False, logits_at=None,
+               empty_cache: bool = False):
     cfg = self.config
     batch, length = tokens.shape
     if positions is None:
@@ -84,14 +91,14 @@ class Decoder(nn.Module):
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
     if cfg.scan_layers:
-      x, cache = self._scanned_layers(x, positions, cache, deterministic)
+      x, cache = self._scanned_layers(x, positions, cache, deterministic, empty_cache)
     else:
       block_cls = _rematted(Block, cfg.remat)
       new_layers = []
       for i in range(cfg.num_layers):
         layer_cache = None if cache is None else cache["layers"][i]
-        x, layer_cache = block_cls(cfg, deterministic, name=f"block_{i}")(x, positions,
-                                                                         layer_cache)
+        x, layer_cache = block_cls(cfg, deterministic, empty_cache, name=f"block_{i}")(
+            x, positions, layer_cache)
         new_layers.append(layer_cache)
       cache = None if cache is None else {"layers": new_layers}
 
@@ -122,7 +129,7 @@ class Decoder(nn.Module):
       return logits[:, 0], cache  # [batch, vocab]
     return logits, cache
 
-  def _scanned_layers(self, x, positions, cache, deterministic):
+  def _scanned_layers(self, x, positions, cache, deterministic, empty_cache):
     cfg = self.config
     block_cls = _rematted(_ScannedBlock, cfg.remat, prevent_cse=False)
     scanned = nn.scan(
@@ -132,7 +139,7 @@ class Decoder(nn.Module):
         in_axes=(0, nn.broadcast),
         length=cfg.num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
-    )(cfg, deterministic, name="blocks")
+    )(cfg, deterministic, empty_cache, name="blocks")
     layer_caches = None if cache is None else cache["layers"]
     x, layer_caches = scanned(x, layer_caches, positions)
     return x, (None if cache is None else {"layers": layer_caches})
