@@ -5,7 +5,8 @@ context 64, batch 12, 2000 steps, dropout 0):
 
   python -m decoder_jax.train --config=configs/shakespeare_char.py:cpu --workdir=/tmp/shakespeare_cpu
 
-  Expected: final eval/loss about 1.88 (nanoGPT: 1.886), about 61-70 s on 2 cores.
+  Expected: final eval/loss about 1.88 (nanoGPT: 1.886), about 47-50 s on 2 AMD EPYC cores,
+  58-70 s on 2 Intel Sapphire Rapids ones (benchmarks/RESULTS.md).
 
 GPU recipe (no arg; 6 layers, 6 heads, width 384, context 256, batch 64, dropout 0.2,
 5000 steps, bfloat16 compute):

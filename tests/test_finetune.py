@@ -19,7 +19,7 @@ from conftest import REPO
 from decoder_jax import decoding, inference, peft
 from decoder_jax.evaluation import generation, metrics
 from decoder_jax.model import Decoder, ModelConfig
-from decoder_jax.train import checkpoint, loop, state as state_lib, steps
+from decoder_jax.train import checkpoint, loop, sharding, state as state_lib, steps
 
 from conftest import TINY_SMOL as TINY
 
@@ -101,7 +101,8 @@ def loop_metrics(workdir):
   return rows
 
 
-def test_lora_steps_leave_frozen_weights_bitwise_unchanged(smol_tokenizer):
+@pytest.mark.parametrize("flat_allreduce", [False, True])
+def test_lora_steps_leave_frozen_weights_bitwise_unchanged(smol_tokenizer, flat_allreduce):
   config = ModelConfig(**TINY, lora=dict(rank=4, alpha=8.0))
   model = Decoder(config)
   params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
@@ -115,7 +116,10 @@ def test_lora_steps_leave_frozen_weights_bitwise_unchanged(smol_tokenizer):
   weights = np.ones((4, 16), np.float32)
   weights[:, :8] = 0.0  # a prompt
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": weights}
-  step = jax.jit(steps.make_train_step(model, 1, dropout=False))
+  # flat_allreduce: the batch's rows on 2 devices, the adapters' gradients summed flat.
+  mesh = sharding.make_mesh(dict(data=2, fsdp=1, tensor=1), jax.devices()[:2])
+  step = jax.jit(steps.make_train_step(model, 1, dropout=False,
+                                       flat_allreduce_mesh=mesh if flat_allreduce else None))
   losses = []
   for _ in range(5):
     state, m = step(state, frozen, batch, jax.random.key(1))
