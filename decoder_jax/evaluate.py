@@ -46,7 +46,10 @@ def main(argv):
   from decoder_jax.train.metrics import quiet_library_logs
 
   quiet_library_logs()
+  from decoder_jax import compile_cache
   from decoder_jax.evaluation import finetuned
+
+  compile_cache.enable(_CONFIG.value.get("compilation_cache_dir"))
 
   try:
     result = finetuned.evaluate(

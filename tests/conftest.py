@@ -5,6 +5,10 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# No persistent compilation cache (the launchers' default is ~/.cache): every test compiles
+# what it runs, and compile-counting tests count real compiles. test_train turns it on
+# for the cache's own test.
+os.environ["JAX_COMPILATION_CACHE_DIR"] = ""
 
 import pathlib  # noqa: E402
 

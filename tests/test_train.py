@@ -45,7 +45,8 @@ def read_metrics(workdir, key):
   return {r["step"]: r[key] for r in rows if key in r}
 
 
-def run_cli(workdir, data_dir, tmp_path, *overrides, check=True, **popen):
+def run_cli(workdir, data_dir, tmp_path, *overrides, check=True, env_update=None, **popen):
+  """Runs the train CLI on the tiny CPU recipe; env_update: variables to set (None: unset)."""
   args = [sys.executable, "-m", "decoder_jax.train", f"--config={CONFIG}:cpu",
           f"--workdir={workdir}", f"--config.data.local_dir={data_dir}",
           f"--config.data.tfds_data_dir={tmp_path / 'tfds'}",
@@ -55,6 +56,10 @@ def run_cli(workdir, data_dir, tmp_path, *overrides, check=True, **popen):
           "--config.train.steps_per_call=1",  # the recipe's 10 would not divide log_every=1
           "--config.train.warmup_steps=2", *overrides]
   env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": str(REPO)}
+  for name, value in (env_update or {}).items():
+    env.pop(name, None)
+    if value is not None:
+      env[name] = value
   if popen:
     return subprocess.Popen(args, cwd=REPO, env=env, **popen)
   done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -123,6 +128,20 @@ def test_resume_after_process_exit_matches_uninterrupted_run(data_dir, tmp_path)
   # checkpoint_every is the recipe's 1000: saves where the loop stops, none at step 1.
   saved = lambda w: sorted(int(p.name) for p in (w / "checkpoints").iterdir() if p.name.isdigit())
   assert saved(straight) == [6] and saved(resumed) == [3, 6]
+
+
+def test_a_rerun_reads_its_compiled_train_step_from_the_persistent_cache(data_dir, tmp_path):
+  cache = tmp_path / "compile_cache"
+  # conftest turns the cache off through JAX_COMPILATION_CACHE_DIR; the config's dir is used
+  # when that is unset. JAX_LOG_COMPILES makes JAX log each cache hit as a warning.
+  env = {"JAX_COMPILATION_CACHE_DIR": None, "JAX_LOG_COMPILES": "1"}
+  hit = "Persistent compilation cache hit for 'jit_train_step'"
+  runs = [run_cli(tmp_path / f"w{i}", data_dir, tmp_path, "--config.train.num_steps=2",
+                  f"--config.compilation_cache_dir={cache}", env_update=env) for i in range(2)]
+  assert hit not in runs[0].stderr and any(cache.iterdir())
+  assert hit in runs[1].stderr
+  a, b = read_metrics(tmp_path / "w0", "train/loss"), read_metrics(tmp_path / "w1", "train/loss")
+  assert a == b  # the cached program computes the same steps
 
 
 def test_sigterm_saves_a_checkpoint_then_resume_finishes(data_dir, tmp_path):

@@ -6,7 +6,7 @@ Overrides: --config.train.num_steps=100, --config.model.dropout=0.1, ...
 from absl import app, flags
 from ml_collections import config_flags
 
-from decoder_jax import xla_flags
+from decoder_jax import compile_cache, xla_flags
 from decoder_jax.train.loop import train_and_evaluate
 from decoder_jax.train.metrics import quiet_library_logs
 
@@ -21,6 +21,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   quiet_library_logs()
   xla_flags.apply_launch_flags()  # before JAX starts a backend (it reads XLA_FLAGS once)
+  compile_cache.enable(_CONFIG.value.get("compilation_cache_dir"))
   result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   if "eval/loss" in result:
     print(f"final eval/loss {result['eval/loss']:.4f}")

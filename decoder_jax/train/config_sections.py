@@ -3,6 +3,7 @@
 import ml_collections
 from ml_collections import config_dict
 
+from decoder_jax import compile_cache
 from decoder_jax.data.pipeline import default_data_config
 from decoder_jax.model.config import ModelConfig
 
@@ -63,6 +64,9 @@ def base_config(*, model, train, data_overrides=None, mesh=None, seed=1337):
   # Start from pretrained weights: "gguf:FILE", "hf:DIR", a converted DIR or a training
   # workdir. The architecture and tokenizer are then the source's (see train/init_from.py).
   config.init_from = config_dict.placeholder(str)
+  # Compiled programs kept on disk for later runs (decoder_jax/compile_cache.py; the
+  # launchers read it; "" turns it off, JAX_COMPILATION_CACHE_DIR overrides it).
+  config.compilation_cache_dir = compile_cache.DEFAULT_DIR
   config.model = model
   config.train = train
   config.data = default_data_config()
