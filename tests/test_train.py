@@ -133,13 +133,17 @@ def test_resume_after_process_exit_matches_uninterrupted_run(data_dir, tmp_path)
 def test_a_rerun_reads_its_compiled_train_step_from_the_persistent_cache(data_dir, tmp_path):
   cache = tmp_path / "compile_cache"
   # conftest turns the cache off through JAX_COMPILATION_CACHE_DIR; the config's dir is used
-  # when that is unset. JAX_LOG_COMPILES makes JAX log each cache hit as a warning.
-  env = {"JAX_COMPILATION_CACHE_DIR": None, "JAX_LOG_COMPILES": "1"}
+  # when that is unset. JAX logs each cache hit, and with JAX_EXPLAIN_CACHE_MISSES each
+  # miss, as a warning.
+  env = {"JAX_COMPILATION_CACHE_DIR": None, "JAX_LOG_COMPILES": "1",
+         "JAX_EXPLAIN_CACHE_MISSES": "1"}
   hit = "Persistent compilation cache hit for 'jit_train_step'"
+  miss = "PERSISTENT COMPILATION CACHE MISS"
   runs = [run_cli(tmp_path / f"w{i}", data_dir, tmp_path, "--config.train.num_steps=2",
                   f"--config.compilation_cache_dir={cache}", env_update=env) for i in range(2)]
-  assert hit not in runs[0].stderr and any(cache.iterdir())
-  assert hit in runs[1].stderr
+  assert hit not in runs[0].stderr and miss in runs[0].stderr and any(cache.iterdir())
+  # Every program of the rerun, the small ones included, comes from the cache.
+  assert hit in runs[1].stderr and miss not in runs[1].stderr, runs[1].stderr[-3000:]
   a, b = read_metrics(tmp_path / "w0", "train/loss"), read_metrics(tmp_path / "w1", "train/loss")
   assert a == b  # the cached program computes the same steps
 
