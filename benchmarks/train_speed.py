@@ -522,6 +522,8 @@ def run_jax(name, args, rt, flat, batches, shape):
     busy.__exit__(None, None, None)
     losses = [float(x) for x in losses]
     mem = ft.jax_memory(device)  # pylint: disable=protected-access
+    if args.trace_dir:  # after the timed steps, so tracing costs them nothing
+      rec.update(trace_steps(args, name, compiled, state, dev, rng))
     del state, compiled, dev, metrics
     gc.collect()
   rec.update(ft.timing(times, losses, types.SimpleNamespace(  # pylint: disable=protected-access
@@ -533,6 +535,29 @@ def run_jax(name, args, rt, flat, batches, shape):
   else:
     rec.update(peak_bytes=host.growth, memory_how=host.how)
   return rec
+
+
+def trace_steps(args, name, compiled, state, dev, rng):
+  """--trace_dir: a jax.profiler trace of --trace_steps more steps in TRACE_DIR/MODEL, and
+  decoder_jax.trace_account's split of their device time (ms per step by kind of work)."""
+  import jax
+  from decoder_jax import trace_account
+  directory = os.path.join(os.path.abspath(args.trace_dir), name)
+  with jax.profiler.trace(directory):
+    for i in range(args.trace_steps):
+      state, metrics = compiled(state, {}, dev[i % len(dev)], rng)
+    jax.block_until_ready((state, metrics))
+  try:
+    acc = trace_account.account(directory)
+  except (OSError, ValueError) as e:  # the trace is still on disk for TensorBoard
+    print(f"  trace in {directory}; no account ({type(e).__name__}: {e})", flush=True)
+    return {"trace_dir": directory, "trace_error": f"{type(e).__name__}: {e}"}
+  print(f"  trace of {args.trace_steps} steps in {directory}:\n" + "\n".join(
+      "    " + line for line in trace_account.format_table(acc, args.trace_steps, 8).splitlines()),
+        flush=True)
+  return {"trace_dir": directory, "trace_kind": acc.kind,
+          "trace_ms_per_step": {k: v / 1e6 / args.trace_steps
+                                for k, v in sorted(acc.by_category.items(), key=lambda kv: -kv[1])}}
 
 
 def _is_oom(e) -> bool:
@@ -1023,6 +1048,12 @@ def summary_lines(models, searches, env, peak, args):
                    f"{MFU_TARGET[name]:.0%} of the measured peak on an H200: "
                    f"{_verdict((j.get('mfu') or 0) >= MFU_TARGET[name], env)}); "
                    f"{m['params']:,} params, {m['flops_per_token'] / 1e9:.2f} GFLOP/token")
+    if ok(j) and j.get("trace_ms_per_step"):
+      split = j["trace_ms_per_step"]
+      total = sum(split.values()) or 1.0
+      lines.append(f"- {name} decoder_jax step by kind of work ({j['trace_kind']} trace of "
+                   f"{args.trace_steps} steps, {j['trace_dir']}): " + ", ".join(
+                       f"{k} {v:.2f} ms ({v / total:.0%})" for k, v in split.items()))
   for name, s in searches.items():
     j, h = s.get("jax"), s.get("hf")
     if j and h and j.get("max") and h.get("max"):
@@ -1346,6 +1377,10 @@ def parse_args(argv=None):
   ap.add_argument("--grad_clip", type=float, default=1.0, help="global-norm clip (0: none)")
   ap.add_argument("--loss_tol", type=float, default=1e-3,
                   help="float32 step-0 loss agreement required (exit code 2 otherwise)")
+  ap.add_argument("--trace_dir", default=None, help="after each decoder_jax side's timed "
+                  "steps, trace --trace_steps more into TRACE_DIR/MODEL and print where their "
+                  "device time went (decoder_jax.trace_account)")
+  ap.add_argument("--trace_steps", type=int, default=3)
   ap.add_argument("--max_batch_search", action="store_true")
   ap.add_argument("--force_search", action="store_true", help="run the search on CPU too")
   ap.add_argument("--search_models", default="gpt2", type=lambda t: _names(t, tuple(MODELS)))

@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from conftest import REPO
-from decoder_jax import decoding, inference
+from decoder_jax import decoding, inference, trace_account
 from decoder_jax.model import Decoder, ModelConfig
 from decoder_jax.train import loop, optimizer, sharding, state as state_lib
 
@@ -317,6 +317,10 @@ def test_profile_steps_writes_a_trace(data_dir, tmp_path):
   traces = [os.path.join(root, f) for root, _, files in os.walk(tmp_path / "w" / "profile")
             for f in files if f.endswith((".xplane.pb", ".trace.json.gz"))]
   assert traces, os.listdir(tmp_path / "w")
+  # The account reads it: the traced steps' matmuls, in the train step's program.
+  acc = trace_account.account(str(tmp_path / "w" / "profile"))
+  assert acc.kind == "cpu" and acc.by_category.get("matmul", 0) > 0, acc.by_category
+  assert any("train_step" in module for module in acc.modules), acc.modules
 
 
 # Data-parallel steps on two CPU devices, dispatched as fast as the host can: XLA's CPU
