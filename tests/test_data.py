@@ -154,6 +154,37 @@ def test_prepared_copy_is_reused_and_refreshed_on_change(tmp_path, monkeypatch):
   assert changed.train[0].startswith("a different story")
 
 
+# Loads argv[1] into the tfds dir argv[2] as soon as the file argv[3] exists, so that two
+# processes start preparing the same new corpus at the same moment.
+_LOAD_AT_ONCE = """
+import os, sys, time
+from decoder_jax.data import text_corpus
+while not os.path.exists(sys.argv[3]):
+  time.sleep(0.01)
+corpus = text_corpus.load_local_corpus(sys.argv[1], val_fraction=0.1, data_dir=sys.argv[2])
+print(len("".join(corpus.train)), len("".join(corpus.validation)))
+"""
+
+
+def test_two_processes_prepare_the_same_corpus_at_once(tmp_path):
+  import subprocess
+  import sys
+  import time
+  path = tmp_path / "story.txt"
+  path.write_text("once upon a time " * 2000, encoding="utf-8")
+  go = tmp_path / "go"
+  procs = [subprocess.Popen([sys.executable, "-c", _LOAD_AT_ONCE, str(path),
+                             str(tmp_path / "t"), str(go)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for _ in range(2)]
+  time.sleep(4)  # both have imported tfds and wait
+  go.touch()
+  outputs = [p.communicate(timeout=120) for p in procs]
+  for p, (out, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-2000:]
+  # tfds prints its own progress first; the last line is ours: both read the same splits.
+  assert [out.splitlines()[-1] for out, _ in outputs] == ["30600 3400"] * 2
+
+
 # --- windows layout ---------------------------------------------------------------------
 
 

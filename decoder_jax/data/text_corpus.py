@@ -10,6 +10,7 @@ back with `as_data_source`, which needs no TensorFlow. Splits:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib.util
@@ -154,6 +155,22 @@ def _read_split(builder: tfds.core.DatasetBuilder, split: str) -> list[str]:
   return [example["text"].decode("utf-8") for example in source]
 
 
+@contextlib.contextmanager
+def _preparation_lock(builder: tfds.core.DatasetBuilder):
+  """Held while a corpus is prepared: two runs that start on the same new corpus at once
+  (a sweep, a bf16/float32 pair) would otherwise both write it, and the second to finish
+  fails renaming its copy onto the first's. Local data dirs only (filelock needs a local
+  file system); a remote one is prepared unguarded, as before."""
+  config_dir = os.path.dirname(os.fspath(builder.data_dir))  # .../NAME/CONFIG (above VERSION)
+  if "://" in config_dir:
+    yield
+    return
+  import filelock  # a dependency already (JAX's compilation cache evicts with it)
+  os.makedirs(config_dir, exist_ok=True)
+  with filelock.FileLock(os.path.join(config_dir, ".prepare.lock")):
+    yield
+
+
 def load_local_corpus(
     path: str | os.PathLike, *, val_fraction: float, data_dir: str | None
 ) -> CorpusSplits:
@@ -171,8 +188,12 @@ def load_local_corpus(
       val_fraction=val_fraction,
       description=f"Plain text from {path}.",
   )
-  builder = LocalTextCorpus(config=config, data_dir=data_dir, file_format="array_record")
-  builder.download_and_prepare(file_format="array_record")  # A no-op once prepared.
+  with _preparation_lock(LocalTextCorpus(config=config, data_dir=data_dir,
+                                         file_format="array_record")):
+    # Built under the lock: a builder made before another process finished preparing
+    # would not see the splits that process wrote.
+    builder = LocalTextCorpus(config=config, data_dir=data_dir, file_format="array_record")
+    builder.download_and_prepare(file_format="array_record")  # A no-op once prepared.
   return CorpusSplits(
       source=str(path),
       train=_read_split(builder, "train"),
@@ -198,7 +219,10 @@ def load_catalog_corpus(name: str, *, data_dir: str | None) -> CorpusSplits:
     raise ValueError(f"data.corpus={name!r} is not a tfds catalog dataset. "
                      + _local_alternative().replace("CORPUS", name)) from e
   if not builder.is_prepared():
-    _prepare_catalog(builder, name)
+    with _preparation_lock(builder):  # another run may be preparing it right now
+      builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+      if not builder.is_prepared():
+        _prepare_catalog(builder, name)
   if "text" not in builder.info.features:
     raise ValueError(f"tfds dataset {name} has no 'text' feature; it has "
                      f"{list(builder.info.features)}.")
