@@ -186,10 +186,10 @@ class JaxSide:
       def prefill(params, prompts):
         batch, length = prompts.shape
         cache = init_cache(config, batch, length + new_tokens, jnp.dtype(config.dtype))
-        positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
         last = jnp.full((batch,), length - 1, jnp.int32)  # logits of the last token only
-        logits, cache = Decoder(config).apply({"params": params}, prompts, positions=positions,
-                                              cache=cache, logits_at=last, empty_cache=True)
+        # empty_cache: positions 0..length-1, the chunk's own keys only.
+        logits, cache = Decoder(config).apply({"params": params}, prompts, cache=cache,
+                                              logits_at=last, empty_cache=True)
         return jnp.argmax(logits, axis=-1), cache
 
       self._prefill = prefill

@@ -171,9 +171,9 @@ def _model_fns(model_config: ModelConfig, params):
     return model.apply({"params": params}, tokens, positions=positions, cache=cache)
 
   def prefill_to_logits(tokens, positions, cache, last):  # output layer at `last` only
-    # decoding.prefill: an empty cache, positions 0..T-1.
-    return model.apply({"params": params}, tokens, positions=positions, cache=cache,
-                       logits_at=last, empty_cache=True)
+    del positions  # decoding.prefill's are 0..T-1, which empty_cache builds itself
+    return model.apply({"params": params}, tokens, cache=cache, logits_at=last,
+                       empty_cache=True)
 
   return tokens_to_logits, prefill_to_logits
 

@@ -161,6 +161,20 @@ def test_prefill_into_an_empty_cache_attends_over_the_prompt_alone(name, scan_la
   assert "x6x20xf32>" in lowered[False] and "x6x20xf32>" not in lowered[True]
 
 
+def test_empty_cache_prefill_refuses_positions_and_a_missing_cache():
+  """Attending over the chunk alone is right only from position 0, so the positions are
+  built by the model; a caller's (e.g. a continuation's) are refused, not trusted."""
+  config = CONFIGS["llama"]
+  model, params = setup(config)
+  prompts, _ = pad(RAGGED_PROMPTS)  # [4, 6]
+  later = jnp.broadcast_to(jnp.arange(3, 9, dtype=jnp.int32), prompts.shape)
+  with pytest.raises(ValueError, match="no positions"):
+    model.apply({"params": params}, prompts, positions=later,
+                cache=init_cache(config, 4, 20), empty_cache=True)
+  with pytest.raises(ValueError, match="pass a cache"):
+    model.apply({"params": params}, prompts, empty_cache=True)
+
+
 def test_cache_stages_grow_by_block_from_the_prompt():
   assert decoding.loop.cache_stages(32, 288, 64) == [64, 128, 192, 256, 288]
   assert decoding.loop.cache_stages(63, 300, 64) == [64, 128, 192, 256, 300]

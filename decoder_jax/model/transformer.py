@@ -62,10 +62,11 @@ class Decoder(nn.Module):
   [batch]) returns token logits [batch, vocab] of one position per row only, for
   objectives that score a single position (label words).
 
-  `empty_cache` (a prefill): the cache holds nothing yet and `positions` are
-  0..length-1 in every row, so queries attend causally over the chunk's own keys (also
-  written to the cache) instead of over every cache slot, most of which are masked: the
-  same logits, without scoring all [length, cache_length] query-slot pairs.
+  `empty_cache` (a prefill): the chunk is the start of every row, positions
+  0..length-1 (so `positions` must be left out), and its queries attend causally over
+  the chunk's own keys (also written to the cache, slots 0..length-1) instead of over
+  every cache slot, most of which are masked: the same logits, without scoring all
+  [length, cache_length] query-slot pairs.
   """
   config: ModelConfig
   num_labels: int = 0
@@ -76,6 +77,11 @@ class Decoder(nn.Module):
                empty_cache: bool = False):
     cfg = self.config
     batch, length = tokens.shape
+    if empty_cache and (positions is not None or cache is None):
+      # Attention over the chunk alone is right only from position 0 (slots before the
+      # chunk would be skipped); positions built here cannot be otherwise.
+      raise ValueError("empty_cache=True is a prefill from position 0: pass a cache and no "
+                       "positions (they are 0..length-1)")
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
     embed = nn.Embed(cfg.vocab_size, cfg.width, dtype=layers.dtype_of(cfg.dtype),
