@@ -1,5 +1,6 @@
 """Training end to end on tiny shakespeare: sharding, resume, signals, sampling, errors."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -304,6 +305,45 @@ def test_init_from_a_workdir_starts_from_its_weights(data_dir, tmp_path):
   assert resumed["eval/loss"] == pytest.approx(source["eval/loss"], abs=1e-5)
 
 
+def test_training_data_that_ends_early_is_a_clear_error(data_dir, tmp_path, monkeypatch):
+  from decoder_jax.data import pipeline
+
+  class FiniteTrain:  # the first 4 batches of the real iterator, then the end
+    def __init__(self, inner):
+      self.inner, self.left = inner, 4
+
+    def __iter__(self):
+      return self
+
+    def __next__(self):
+      if not self.left:
+        raise StopIteration
+      self.left -= 1
+      return next(self.inner)
+
+    def get_state(self):
+      return {"inner": self.inner.get_state(), "left": self.left}
+
+    def set_state(self, state):
+      self.inner.set_state(state["inner"])
+      self.left = state["left"]
+
+  real = pipeline.make_datasets
+
+  def finite(*args, **kwargs):
+    datasets = real(*args, **kwargs)
+    return dataclasses.replace(datasets, train_iter=FiniteTrain(datasets.train_iter))
+
+  monkeypatch.setattr(pipeline, "make_datasets", finite)
+  config = tiny_config(data_dir, tmp_path, num_steps=6, steps_per_call=3, checkpoint_every=3,
+                       eval_every=3, log_every=3)
+  with pytest.raises(RuntimeError, match="ended at step 4, before train.num_steps=6"):
+    loop.train_and_evaluate(config, str(tmp_path / "w"))
+  # The first call's 3 steps were logged and checkpointed before the short one was refused.
+  assert read_metrics(str(tmp_path / "w"), "train/loss").keys() == {3}
+  assert "3" in os.listdir(tmp_path / "w" / "checkpoints")
+
+
 def test_init_from_a_missing_source_is_a_clear_error(data_dir, tmp_path):
   config = tiny_config(data_dir, tmp_path)
   config.init_from = str(tmp_path / "nowhere")
@@ -408,6 +448,15 @@ def test_device_prefetch_groups_batches_by_call():
   assert next(batches) == (3, [3, 4, 5])
   assert next(batches) == (1, [6])
   assert batches.get_state() == {"position": 7}
+  with pytest.raises(StopIteration):
+    next(batches)
+
+
+def test_device_prefetch_hands_over_a_finite_sources_last_partial_call():
+  batches = loop.DevicePrefetch(_CountingSource(8), lambda bs: list(bs), sizes=[3, 3, 3])
+  assert [next(batches), next(batches), next(batches)] == [(3, [0, 1, 2]), (3, [3, 4, 5]),
+                                                           (2, [6, 7])]
+  assert batches.get_state() == {"position": 8}
   with pytest.raises(StopIteration):
     next(batches)
 

@@ -98,7 +98,16 @@ class DevicePrefetch:
   def _read(self):
     size = next(self._sizes)  # StopIteration here: no calls left
     state = self._iterator.get_state()
-    return state, size, self._to_device([next(self._iterator) for _ in range(size)])
+    host = []
+    try:
+      while len(host) < size:
+        host.append(next(self._iterator))
+    except StopIteration:
+      pass
+    if not host:
+      raise StopIteration  # a finite source ended at a call's boundary
+    # A finite source that ends inside a call gives a shorter last call, not a dropped one.
+    return state, len(host), self._to_device(host)
 
   def __iter__(self):
     return self
@@ -428,7 +437,11 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
     with (_StopRequest() as stop, jax.set_mesh(mesh),
           nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES)):
       while step < end_step and stop.signal_name is None:
-        size, batch = next(batches)
+        size, batch = next(batches, (0, None))
+        if size not in step_programs:  # the train iterator is endless unless replaced
+          raise RuntimeError(f"the training data ended at step {step + size}, before "
+                             f"train.num_steps={num_steps}; the steps up to the last "
+                             f"checkpoint are in {manager.directory}")
         state, metrics = step_programs[size](state, frozen, batch, dropout_rng)
         in_flight.add(metrics["loss"])
         step += size
