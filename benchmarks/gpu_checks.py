@@ -72,10 +72,13 @@ def _norm(name: str) -> str:
   return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def missing_distributions(root: str, have: set[str]) -> dict[str, str]:
-  """{name: version installed here} for `root`'s install requirements, recursively, that are
-  not in `have` (normalised names); extras and markers that do not apply are skipped."""
+def missing_distributions(root: str, have) -> dict[str, str]:
+  """{name: version installed here} for `root`'s install requirements, recursively, that the
+  GPU machine lacks. `have`: {normalised name: version or None}; a known version outside a
+  requirement's range counts as lacking (the wheel then shadows it). Extras and markers
+  that do not apply are skipped."""
   from packaging.requirements import Requirement
+  have = dict.fromkeys(have) if isinstance(have, (set, frozenset)) else dict(have)
   need, todo, seen = {}, [root], set()
   while todo:
     name = todo.pop()
@@ -87,16 +90,34 @@ def missing_distributions(root: str, have: set[str]) -> dict[str, str]:
       if req.marker is not None and not req.marker.evaluate({"extra": ""}):
         continue
       dep = _norm(req.name)
-      if dep in have or dep in need:
+      if dep in need:
+        continue
+      if dep in have and (have[dep] is None or req.specifier.contains(have[dep],
+                                                                      prereleases=True)):
         continue
       need[dep] = metadata.version(dep)
       todo.append(dep)
   return need
 
 
+def read_have(path: str) -> dict:
+  """{normalised name: version or None} from `pip list` / `pip freeze` output or bare names."""
+  have = {}
+  for line in open(path):
+    line = line.strip()
+    if not line or line.startswith(("#", "Package", "---")):
+      continue
+    if "==" in line:
+      name, version = line.split("==", 1)
+    else:
+      name, *rest = line.split()
+      version = rest[0] if rest else None
+    have[_norm(name)] = version
+  return have
+
+
 def prepare(args):
-  have = {_norm(line.split("==")[0].split()[0]) for line in open(args.have)
-          if line.strip() and not line.startswith(("#", "Package", "---"))}
+  have = read_have(args.have)
   if not have:
     raise SystemExit(f"{args.have}: no package names")
   need = missing_distributions("decoder_jax", have)
@@ -422,8 +443,9 @@ def main(argv=None):
   sub = ap.add_subparsers(dest="command", required=True)
   p = sub.add_parser("prepare", help="build the kit (here, with package-index access)")
   p.add_argument("--kit", required=True, help="folder to write: wheels/ and data/")
-  p.add_argument("--have", required=True, help="file of distribution names the GPU machine "
-                 "has (one per line; `pip list` or `pip freeze` output works)")
+  p.add_argument("--have", required=True, help="file of the distributions the GPU machine "
+                 "has, one per line: names, or `pip list` / `pip freeze` output (versions "
+                 "outside decoder_jax's ranges are carried too)")
   p.add_argument("--data_dir", default=os.environ.get("DECODER_JAX_DATA"),
                  help=f"folder holding {CORPUS}/ (default $DECODER_JAX_DATA)")
   p.add_argument("--python_version", default="3.12", help="the GPU machine's Python")

@@ -27,6 +27,21 @@ def test_kit_holds_exactly_what_the_gpu_machine_lacks():
   assert set(gpu_checks.missing_distributions("decoder_jax", have)) == only_ml
 
 
+def test_a_version_outside_decoder_jaxs_range_is_carried_too(tmp_path):
+  everything = _all_requirements()
+  (tmp_path / "freeze.txt").write_text("".join(
+      f"{name}=={'0.11.0' if name == 'flax' else version}\n"
+      for name, version in everything.items()))
+  have = gpu_checks.read_have(str(tmp_path / "freeze.txt"))
+  assert have["flax"] == "0.11.0"  # setup.cfg asks flax>=0.12
+  assert gpu_checks.missing_distributions("decoder_jax", have) == {
+      "flax": metadata.version("flax")}
+  # `pip list` columns and bare names read the same way.
+  (tmp_path / "list.txt").write_text("Package Version\n------- -------\nJAX 0.11.2\nml_collections\n")
+  assert gpu_checks.read_have(str(tmp_path / "list.txt")) == {"jax": "0.11.2",
+                                                             "ml-collections": None}
+
+
 def test_recipe_losses_reads_final_and_best(tmp_path):
   rows = [{"step": 100, "train/loss": 2.0}, {"step": 250, "eval/loss": 1.9},
           {"step": 500, "eval/loss": 1.7}, {"step": 750, "eval/loss": 1.75}]
