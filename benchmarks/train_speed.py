@@ -543,13 +543,18 @@ def trace_steps(args, name, compiled, state, dev, rng):
   import jax
   from decoder_jax import trace_account
   directory = os.path.join(os.path.abspath(args.trace_dir), name)
-  with jax.profiler.trace(directory):
-    for i in range(args.trace_steps):
-      state, metrics = compiled(state, {}, dev[i % len(dev)], rng)
-    jax.block_until_ready((state, metrics))
+  try:
+    with jax.profiler.trace(directory):
+      for i in range(args.trace_steps):
+        state, metrics = compiled(state, {}, dev[i % len(dev)], rng)
+      jax.block_until_ready((state, metrics))
+  except Exception as e:  # pylint: disable=broad-except  # e.g. no profiler on this machine
+    traceback.print_exc()
+    return {"trace_error": f"{type(e).__name__}: {str(e)[:300]}"}
   try:
     acc = trace_account.account(directory)
-  except (OSError, ValueError) as e:  # the trace is still on disk for TensorBoard
+  except Exception as e:  # pylint: disable=broad-except  # the timed steps must survive it
+    traceback.print_exc()
     print(f"  trace in {directory}; no account ({type(e).__name__}: {e})", flush=True)
     return {"trace_dir": directory, "trace_error": f"{type(e).__name__}: {e}"}
   print(f"  trace of {args.trace_steps} steps in {directory}:\n" + "\n".join(

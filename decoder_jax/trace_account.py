@@ -46,6 +46,8 @@ _CPU_CATEGORIES = (
     ("copy/transpose", re.compile(r"copy|transpose|dynamic-update-slice|concatenate", re.I)),
     ("control", re.compile(r"^(while|conditional|call)\b", re.I)),
 )
+_DERIVED_LINES = {"XLA Ops", "XLA Modules", "Steps", "Framework Ops", "Framework Name Scope",
+                  "Source code", "XLA TraceMe", "TensorFlow Ops", "TensorFlow Name Scope"}
 OTHER = "fusion/elementwise"
 IDLE = "idle (no kernel running)"
 
@@ -61,10 +63,6 @@ class Account:
   op_counts: dict[str, int]
   span_ns: float  # GPU: summed per-device spans; CPU: wall span of all hlo events
   modules: dict[str, float]  # hlo_module -> ns
-
-  @property
-  def busy_ns(self) -> float:
-    return sum(v for k, v in self.by_category.items() if k != IDLE)
 
 
 def categorize(name: str, hlo_op: str, categories=_GPU_CATEGORIES) -> str:
@@ -96,9 +94,10 @@ def _exclusive(events):
   """(event, stats, own ns) for events on one timeline, minus time of events nested inside."""
   events = sorted(events, key=lambda e: (e[0].start_ns, -e[0].duration_ns))
   own = [e[0].duration_ns for e in events]
-  stack = []  # indices of open events
+  ends = [e[0].start_ns + e[0].duration_ns for e in events]
+  stack = []  # indices of the events that enclose the current one
   for i, (event, _) in enumerate(events):
-    while stack and events[stack[-1]][0].start_ns + events[stack[-1]][0].duration_ns <= event.start_ns:
+    while stack and ends[stack[-1]] <= event.start_ns:
       stack.pop()
     if stack:
       own[stack[-1]] -= event.duration_ns
@@ -132,10 +131,11 @@ def account(path: str) -> Account:
     span = 0.0
     for plane in gpu_planes:
       intervals = []
-      for line in plane.lines:
-        # Kernels run on the stream lines; derived lines ("XLA Ops", "Steps") repeat them.
-        if not line.name.lower().startswith("stream"):
-          continue
+      # Kernels run on the stream lines; derived lines ("XLA Ops", "Steps"), where a
+      # trace has them, repeat those kernels. A plane without stream lines counts all.
+      lines = [l for l in plane.lines if l.name.lower().startswith("stream")] or [
+          l for l in plane.lines if l.name not in _DERIVED_LINES]
+      for line in lines:
         for event in line.events:
           stats = _stats(event)
           op = str(stats.get("hlo_op", ""))
@@ -150,6 +150,9 @@ def account(path: str) -> Account:
         plane_span = max(b for _, b in intervals) - min(a for a, _ in intervals)
         span += plane_span
         by_category[IDLE] += plane_span - _union_ns(intervals)
+    if not by_op:
+      raise ValueError(f"{path}: GPU planes but no kernels on them; was any jitted program "
+                       "run while the trace was on?")
     return Account(path, "gpu", len(gpu_planes), dict(by_category), dict(by_op), dict(counts),
                    span, dict(modules))
 

@@ -37,7 +37,8 @@ def test_a_version_outside_decoder_jaxs_range_is_carried_too(tmp_path):
   assert gpu_checks.missing_distributions("decoder_jax", have) == {
       "flax": metadata.version("flax")}
   # `pip list` columns and bare names read the same way.
-  (tmp_path / "list.txt").write_text("Package Version\n------- -------\nJAX 0.11.2\nml_collections\n")
+  (tmp_path / "list.txt").write_text(
+      "Package Version\n------- -------\nJAX 0.11.2\nml_collections\n")
   assert gpu_checks.read_have(str(tmp_path / "list.txt")) == {"jax": "0.11.2",
                                                              "ml-collections": None}
 
