@@ -166,12 +166,13 @@ class Budget:
     return self.end - time.time()
 
 
-def _run_logged(cmd, log_path, timeout, env=None):
-  """Runs cmd with stdout+stderr to log_path (and echoed with a prefix); returns a status."""
+def _run_logged(cmd, log_path, timeout):
+  """Runs cmd (in its own process group, killed whole at `timeout`) with stdout and stderr
+  to log_path; returns a status."""
   with open(log_path, "w") as log:
     log.write("$ " + " ".join(cmd) + "\n")
     log.flush()
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True, cwd=ROOT)
     try:
       rc = proc.wait(timeout=timeout)
@@ -182,12 +183,19 @@ def _run_logged(cmd, log_path, timeout, env=None):
 
 
 def _kill(proc):
+  """SIGTERM first (train_speed.py then ends its own child, which runs in a session of its
+  own), SIGKILL after 10 s."""
   import signal
-  try:
-    os.killpg(proc.pid, signal.SIGKILL)
-  except ProcessLookupError:
-    pass
-  proc.wait()
+  for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, None)):
+    try:
+      os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+      break
+    try:
+      proc.wait(timeout=wait)
+      return
+    except subprocess.TimeoutExpired:
+      continue
 
 
 def _load(path):

@@ -986,6 +986,10 @@ class Runner:
     return status, data
 
 
+def _interrupt(signum, frame):
+  raise KeyboardInterrupt(f"signal {signum}")
+
+
 def _kill_group(proc):
   try:
     os.killpg(proc.pid, signal.SIGKILL)
@@ -1209,6 +1213,9 @@ def main(argv=None):
   command = "python " + shlex.join(sys.argv if argv == sys.argv[1:] else
                                    ["benchmarks/train_speed.py"] + argv)
   runner = Runner(args, argv)
+  # SIGTERM (e.g. from benchmarks/gpu_checks.py at its time cap) ends the running child
+  # too, through Runner.run's KeyboardInterrupt path: each child has its own session.
+  signal.signal(signal.SIGTERM, _interrupt)
   try:
     return _parent(args, runner, command)
   finally:
