@@ -1058,11 +1058,10 @@ def summary_lines(models, searches, env, peak, args):
                    f"{_verdict((j.get('mfu') or 0) >= MFU_TARGET[name], env)}); "
                    f"{m['params']:,} params, {m['flops_per_token'] / 1e9:.2f} GFLOP/token")
     if ok(j) and j.get("trace_ms_per_step"):
-      split = j["trace_ms_per_step"]
-      total = sum(split.values()) or 1.0
+      from decoder_jax import trace_account
       lines.append(f"- {name} decoder_jax step by kind of work ({j['trace_kind']} trace of "
-                   f"{args.trace_steps} steps, {j['trace_dir']}): " + ", ".join(
-                       f"{k} {v:.2f} ms ({v / total:.0%})" for k, v in split.items()))
+                   f"{args.trace_steps} steps, {j['trace_dir']}): "
+                   + trace_account.split_text(j["trace_ms_per_step"]))
   for name, s in searches.items():
     j, h = s.get("jax"), s.get("hf")
     if j and h and j.get("max") and h.get("max"):

@@ -182,6 +182,12 @@ def account(path: str) -> Account:
                  max(ends) - min(starts), dict(modules))
 
 
+def split_text(ms_per_step: dict[str, float]) -> str:
+  """One line for a {kind of work: ms per step} split, in its order: "matmul 1.20 ms (60%), ..."."""
+  total = sum(ms_per_step.values()) or 1.0
+  return ", ".join(f"{k} {v:.2f} ms ({v / total:.0%})" for k, v in ms_per_step.items())
+
+
 def format_table(acc: Account, steps: int = 0, top: int = 12) -> str:
   """A markdown table of the categories (largest first), then the `top` ops."""
   per = f"ms/step (over {steps})" if steps else "ms (whole trace)"
