@@ -143,23 +143,13 @@ def evaluate(config, workdir: str | None, *, zero_shot: bool = False, weights: s
 
 
 def _mean_loss(model, params, batches) -> float:
-  """Mean weighted loss (on the responses / labels) over the eval batches: each batch
-  dispatched while the previous ones run, one fetch at the end (as train.loop.evaluate)."""
+  """Mean weighted loss (on the responses / labels) over the eval batches."""
   import jax
-  import numpy as np
 
-  from decoder_jax.train import steps
-  from decoder_jax.train.loop import InFlightSteps
+  from decoder_jax.train import loop, steps
 
   loss_sums = jax.jit(lambda p, b: steps.loss_sums(model, p, b))
-  in_flight, sums = InFlightSteps(), []  # (loss sum, weight sum) of each batch, on the device
-  for batch in batches:
-    sums.append(loss_sums(params, dict(batch)))
-    in_flight.add(sums[-1][0])
-  if not sums:
-    return 0.0
-  total, weight = np.asarray(jax.device_get(sums), np.float64).sum(axis=0)  # [2]
-  return float(total / max(weight, 1.0))
+  return loop.mean_loss(lambda batch: loss_sums(params, dict(batch)), batches)
 
 
 def _restore_trainable(workdir, weights, run, tx, mesh, config, like):

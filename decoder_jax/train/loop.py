@@ -187,18 +187,25 @@ def _stacked_abstract(one_batch, size, stacked_sharding):
                                                      sharding=stacked_sharding), one_batch)
 
 
-def evaluate(eval_step, params, frozen, datasets, batch_sharding) -> float:
-  """Mean weighted loss over the (main) eval batches: each batch dispatched while the
-  previous ones run (at most two in flight, see InFlightSteps), one fetch at the end."""
+def mean_loss(loss_sums, batches) -> float:
+  """Mean weighted loss over `batches`, loss_sums(batch) -> (loss sum, weight sum) on the
+  device: each batch dispatched while the previous ones run (at most two in flight, see
+  InFlightSteps), one fetch at the end."""
   in_flight = InFlightSteps()
   sums = []  # (loss sum, weight sum) of each batch, on the device
-  for batch in datasets.eval_batches():
-    sums.append(eval_step(params, frozen, _global_batch(batch, batch_sharding)))
+  for batch in batches:
+    sums.append(loss_sums(batch))
     in_flight.add(sums[-1][0])
   if not sums:
     return 0.0
   total, weight = np.asarray(jax.device_get(sums), np.float64).sum(axis=0)  # [2]
   return float(total / max(weight, 1.0))
+
+
+def evaluate(eval_step, params, frozen, datasets, batch_sharding) -> float:
+  """Mean weighted loss over the (main) eval batches."""
+  return mean_loss(lambda batch: eval_step(params, frozen, _global_batch(batch, batch_sharding)),
+                   datasets.eval_batches())
 
 
 class _Profiler:
