@@ -39,7 +39,6 @@ import datetime
 import importlib.metadata as metadata
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -53,6 +52,7 @@ sys.path.insert(0, HERE)
 # The speed, MFU and nanoGPT figures are train_speed.py's, the one place they are set.
 from train_speed import MFU_TARGET, NANOGPT_TOK_S, SPEED_TARGETS
 from decoder_jax import trace_account
+from packaging.utils import canonicalize_name
 # pylint: enable=wrong-import-position
 
 ROOT = os.path.dirname(HERE)
@@ -73,10 +73,6 @@ SMOKE_RECIPE = ["--config.train.num_steps=20", "--config.model.num_layers=1",
                 "--config.train.log_every=10"]
 
 
-def _norm(name: str) -> str:
-  return re.sub(r"[-_.]+", "-", name).lower()
-
-
 def missing_distributions(root: str, have) -> dict[str, str]:
   """{name: version installed here} for `root`'s install requirements, recursively, that the
   GPU machine lacks. `have`: {normalised name: version or None}; a known version outside a
@@ -94,7 +90,7 @@ def missing_distributions(root: str, have) -> dict[str, str]:
       req = Requirement(text)
       if req.marker is not None and not req.marker.evaluate({"extra": ""}):
         continue
-      dep = _norm(req.name)
+      dep = canonicalize_name(req.name)
       if dep in need:
         continue
       if dep in have and (have[dep] is None or req.specifier.contains(have[dep],
@@ -117,7 +113,7 @@ def read_have(path: str) -> dict:
     else:
       name, *rest = line.split()
       version = rest[0] if rest else None
-    have[_norm(name)] = version
+    have[canonicalize_name(name)] = version
   return have
 
 
