@@ -15,8 +15,9 @@ GPU recipe (no arg; 6 layers, 6 heads, width 384, context 256, batch 64, dropout
 
   Expected: best eval/loss about 1.47 (nanoGPT: 1.4697).
 
-Data: `data.local_dir` (default $DECODER_JAX_DATA) holding tiny_shakespeare/input.txt;
-unset, the tfds catalog dataset `tiny_shakespeare` is used (needs internet once).
+Data: tiny shakespeare, bundled with the package (no download); `data.local_dir`
+(default $DECODER_JAX_DATA) holding tiny_shakespeare/input.txt, or `data.path`, reads
+another copy instead.
 """
 
 from decoder_jax.train import config_sections as common

@@ -1,15 +1,17 @@
 """SmolLM2-135M-Instruct fine-tuned for English->French translation on Multi30k.
 
   python -m decoder_jax.train --config=configs/smollm2_multi30k.py:lora --workdir=W \
-      --config.task.source=../shared/data/multi30k
+      --config.task.source=DATA/multi30k
   python -m decoder_jax.evaluate --config=configs/smollm2_multi30k.py:lora --workdir=W \
       --split=test_2016_flickr --num_beams=4
 
 Arg: `full` or `lora`, optionally `,cpu` (a recipe for 2 CPU cores: a slice of the
 training data, a shorter schedule, BLEU on part of val during training; `full,cpu` took
 33 minutes on 2 idle cores). The model is decoder-only: the English sentence goes in the prompt and
-the French one is the response (loss on the response only). Without task.source the
-tfds catalog's wmt14_translate/fr-en is used (online).
+the French one is the response (loss on the response only). task.source defaults to
+$DECODER_JAX_DATA/multi30k when that variable is set (DATA above: a folder holding
+multi30k/{train,val,test_2016_flickr}.{en,fr}[.gz]), else the tfds catalog's
+wmt14_translate/fr-en (online, with TensorFlow).
 
 Measured on test_2016_flickr, greedy: `lora,cpu` BLEU 22.1, `full,cpu` 18.4 (zero-shot
 with the same prompt: 0.3). Other rows: benchmarks/RESULTS.md.

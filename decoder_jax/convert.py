@@ -14,7 +14,10 @@ from __future__ import annotations
 import json
 import os
 
-from absl import app, flags, logging
+from absl import flags, logging
+
+from decoder_jax import cli
+from decoder_jax.errors import ConfigError
 
 _SOURCE = flags.DEFINE_string("source", None, "gguf:FILE, hf:DIR (or a converted DIR)")
 _OUTPUT = flags.DEFINE_string("output", None, "directory to write (must not hold params yet)")
@@ -35,7 +38,7 @@ def convert(source: str, output: str, dtype: str | None = None):
   output = os.path.abspath(os.path.expanduser(output))
   params_dir = os.path.join(output, pretrained.PARAMS_DIR)
   if os.path.exists(params_dir):
-    raise FileExistsError(f"{params_dir} already exists; choose another --output")
+    raise ConfigError(f"{params_dir} already exists; choose another --output")
   model = pretrained.load_pretrained(source, dtype=dtype)
   os.makedirs(output, exist_ok=True)
   with ocp.StandardCheckpointer() as checkpointer:
@@ -49,8 +52,7 @@ def convert(source: str, output: str, dtype: str | None = None):
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv
   from decoder_jax.train.metrics import quiet_library_logs
   quiet_library_logs()
   model = convert(_SOURCE.value, _OUTPUT.value, _DTYPE.value)
@@ -60,7 +62,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  cli.run(main)
 
 
 if __name__ == "__main__":

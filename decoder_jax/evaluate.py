@@ -5,7 +5,7 @@
   python -m decoder_jax.evaluate --config=configs/smollm2_multi30k.py:lora --workdir=W \
       --source_file=test.en --reference_file=test.fr
   python -m decoder_jax.evaluate --config=configs/smollm2_sst2.py:lora --workdir=W \
-      --tsv_file=../shared/data/sst2/dev.tsv
+      --tsv_file=DATA/sst2/dev.tsv
   python -m decoder_jax.evaluate --config=configs/smollm2_sst2.py:lora --zero_shot
 
 The work is done by decoder_jax.evaluation.finetuned (importable without these flags).
@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import json
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
+
+from decoder_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "task config (configs/*.py:ARG)",
                                           lock_config=True)
@@ -41,8 +43,7 @@ _OUTPUT = flags.DEFINE_string("output", None, "also write the generations (JSONL
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv
   from decoder_jax.train.metrics import quiet_library_logs
 
   quiet_library_logs()
@@ -51,23 +52,20 @@ def main(argv):
 
   compile_cache.enable(_CONFIG.value.get("compilation_cache_dir"))
 
-  try:
-    result = finetuned.evaluate(
-        _CONFIG.value, _WORKDIR.value, zero_shot=_ZERO_SHOT.value, weights=_WEIGHTS.value,
-        split=_SPLIT.value, source_file=_SOURCE_FILE.value,
-        reference_file=_REFERENCE_FILE.value, tsv_file=_TSV_FILE.value,
-        num_beams=_NUM_BEAMS.value, max_new_tokens=_MAX_NEW_TOKENS.value,
-        max_examples=_MAX_EXAMPLES.value, output=_OUTPUT.value,
-        config_name=flags.FLAGS["config"].serialize().split("=", 1)[-1])
-  except ValueError as e:  # bad flag combinations and configs: say so, no traceback
-    raise app.UsageError(str(e)) from None
+  result = finetuned.evaluate(
+      _CONFIG.value, _WORKDIR.value, zero_shot=_ZERO_SHOT.value, weights=_WEIGHTS.value,
+      split=_SPLIT.value, source_file=_SOURCE_FILE.value,
+      reference_file=_REFERENCE_FILE.value, tsv_file=_TSV_FILE.value,
+      num_beams=_NUM_BEAMS.value, max_new_tokens=_MAX_NEW_TOKENS.value,
+      max_examples=_MAX_EXAMPLES.value, output=_OUTPUT.value,
+      config_name=flags.FLAGS["config"].serialize().split("=", 1)[-1])
   logging.info("evaluated %d examples in %.1f s", result["examples"], result["seconds"])
   print(json.dumps(result))
 
 
 def run():
   flags.mark_flag_as_required("config")
-  app.run(main)
+  cli.run(main)
 
 
 if __name__ == "__main__":

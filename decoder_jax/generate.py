@@ -19,10 +19,12 @@ any of the tokenizer's end-of-sequence tokens.
 """
 
 import json
+import os
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from decoder_jax import decoding, inference
+from decoder_jax import cli, decoding, inference
+from decoder_jax.errors import ConfigError, NotFound
 from decoder_jax.train.metrics import quiet_library_logs
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "training workdir holding checkpoints")
@@ -51,17 +53,15 @@ flags.mark_flags_as_mutual_exclusive(["workdir", "pretrained"], required=True)
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv
   quiet_library_logs()
+  # Flags are checked before the model loads, so a typo costs no loading time.
   sampler = decoding.make_sampler(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)  # validates
-  if _PROMPTS_FILE.value:
-    with open(_PROMPTS_FILE.value, encoding="utf-8") as f:
-      prompts = [line.rstrip("\n") for line in f if line.strip()]
-    if not prompts:
-      raise app.UsageError(f"{_PROMPTS_FILE.value} holds no prompts")
-  else:
-    prompts = [_PROMPT.value]
+  inference.check_settings(max_new_tokens=_MAX_NEW.value, min_new_tokens=_MIN_NEW.value,
+                           num_beams=_NUM_BEAMS.value, num_samples=_NUM_SAMPLES.value)
+  prompts = _read_prompts() if _PROMPTS_FILE.value else [_PROMPT.value]
+  if _OUTPUT.value and not os.path.isdir(os.path.dirname(os.path.abspath(_OUTPUT.value))):
+    raise NotFound(f"--output={_OUTPUT.value}: its folder does not exist")
   if _PRETRAINED.value:
     from decoder_jax import pretrained  # imports the interop dependencies only when asked
     trained = pretrained.load_pretrained(_PRETRAINED.value, dtype=_DTYPE.value)
@@ -92,8 +92,19 @@ def main(argv):
       print("---")
 
 
+def _read_prompts() -> list[str]:
+  path = _PROMPTS_FILE.value
+  if not os.path.isfile(path):
+    raise NotFound(f"--prompts_file={path} does not exist (or is not a file)")
+  with open(path, encoding="utf-8") as f:
+    prompts = [line.rstrip("\n") for line in f if line.strip()]
+  if not prompts:
+    raise ConfigError(f"--prompts_file={path} holds no prompts")
+  return prompts
+
+
 def run():
-  app.run(main)
+  cli.run(main)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from decoder_jax import decoding
+from decoder_jax import decoding, progress
 from decoder_jax.data import tokenizers
+from decoder_jax.errors import ConfigError, NotFound
 from decoder_jax.model import Decoder, ModelConfig, init_cache, layers, resize_cache
 from decoder_jax.train import checkpoint, optimizer, sharding, state as state_lib
 from decoder_jax.train.loop import MODEL_CONFIG_FILE
@@ -43,20 +44,17 @@ def load_trained(workdir: str) -> TrainedModel:
   back as a plain model: its base re-read from the source where the checkpoint holds only
   the trainable half, LoRA adapters merged into the kernels.
   """
-  config_path = os.path.join(workdir, MODEL_CONFIG_FILE)
-  if not os.path.exists(config_path):
-    raise FileNotFoundError(f"{config_path} not found: is {workdir!r} a decoder_jax training "
-                            "workdir? (python -m decoder_jax.train writes it)")
-  with open(config_path) as f:
-    model_config = ModelConfig.from_dict(json.load(f))
-  with open(os.path.join(workdir, "config.json")) as f:
-    run_config = ml_collections.ConfigDict(json.load(f))
+  if not os.path.isdir(workdir):
+    raise NotFound(f"workdir {workdir} does not exist or is not a directory")
+  model_config = ModelConfig.from_dict(_read_workdir_json(workdir, MODEL_CONFIG_FILE))
+  run_config = ml_collections.ConfigDict(_read_workdir_json(workdir, "config.json"))
+  if checkpoint.latest_step(workdir) is None:  # checked read-only: the workdir stays as it is
+    raise NotFound(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}: the run has "
+                   "not saved one yet")
   if run_config.get("init_from"):
     return _load_from_pretrained_run(workdir, run_config)
   train_config = run_config.train
   manager = checkpoint.make_manager(workdir, 1, 1, async_writes=False)
-  if manager.latest_step() is None:
-    raise FileNotFoundError(f"no checkpoint in {manager.directory}")
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
   abstract, _ = state_lib.abstract_state(Decoder(model_config),
                                          optimizer.make_optimizer(train_config),
@@ -65,6 +63,22 @@ def load_trained(workdir: str) -> TrainedModel:
   manager.close()
   return TrainedModel(model_config, state.params, tokenizers.load_tokenizer(workdir),
                       int(state.step))
+
+
+def _read_workdir_json(workdir: str, name: str) -> dict:
+  path = os.path.join(workdir, name)
+  if not os.path.isfile(path):
+    raise NotFound(f"{path} not found: is {workdir} a decoder_jax training workdir? "
+                   "(python -m decoder_jax.train writes it)")
+  try:
+    with open(path, encoding="utf-8") as f:
+      values = json.load(f)
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    values = e
+  if not isinstance(values, dict):
+    raise ConfigError(f"{path} is not the JSON object decoder_jax writes; is {workdir} a "
+                      "decoder_jax training workdir?")
+  return values
 
 
 def _load_from_pretrained_run(workdir: str, config) -> TrainedModel:
@@ -77,8 +91,6 @@ def _load_from_pretrained_run(workdir: str, config) -> TrainedModel:
   tx = optimizer.make_optimizer(config.train)
   abstract, _, _, frozen_shardings = setup.abstract_state(run, tx, mesh, config)
   manager = checkpoint.make_manager(workdir, 1, 1, async_writes=False)
-  if manager.latest_step() is None:
-    raise FileNotFoundError(f"no checkpoint in {manager.directory}")
   state, _ = checkpoint.restore(manager, abstract)
   manager.close()
   frozen = {}
@@ -141,25 +153,31 @@ def pad_prompts(token_lists, bucket: bool = True, pad_id: int = 0, max_width: in
 
 def check_request(model_config: ModelConfig, prompt_length: int, max_new_tokens: int,
                   min_new_tokens: int = 0, num_beams: int = 1, num_samples: int = 1) -> None:
-  """Raises ValueError for a request that cannot run, before anything is compiled."""
-  if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-  if not 0 <= min_new_tokens <= max_new_tokens:
-    raise ValueError(f"min_new_tokens must be in [0, max_new_tokens={max_new_tokens}], "
-                     f"got {min_new_tokens}")
-  if num_beams < 1:
-    raise ValueError(f"num_beams must be >= 1, got {num_beams}")
-  if num_samples < 1:
-    raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-  if num_beams > 1 and num_samples > 1:
-    raise ValueError("num_samples > 1 samples; num_beams > 1 searches: choose one")
+  """Raises ConfigError for a request that cannot run, before anything is compiled."""
+  check_settings(max_new_tokens, min_new_tokens, num_beams, num_samples)
   if prompt_length < 1:
-    raise ValueError("a prompt is empty and the tokenizer has no BOS token to start from")
+    raise ConfigError("a prompt is empty and the tokenizer has no BOS token to start from")
   if prompt_length + max_new_tokens > model_config.max_length:
-    raise ValueError(
+    raise ConfigError(
         f"a prompt of {prompt_length} tokens plus max_new_tokens={max_new_tokens} does not fit "
         f"the model's context (max_length={model_config.max_length}); shorten the prompt or "
         "ask for fewer tokens")
+
+
+def check_settings(max_new_tokens: int, min_new_tokens: int = 0, num_beams: int = 1,
+                   num_samples: int = 1) -> None:
+  """Raises ConfigError for decoding settings that are invalid whatever the model."""
+  if max_new_tokens < 1:
+    raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  if not 0 <= min_new_tokens <= max_new_tokens:
+    raise ConfigError(f"min_new_tokens must be in [0, max_new_tokens={max_new_tokens}], "
+                      f"got {min_new_tokens}")
+  if num_beams < 1:
+    raise ConfigError(f"num_beams must be >= 1, got {num_beams}")
+  if num_samples < 1:
+    raise ConfigError(f"num_samples must be >= 1, got {num_samples}")
+  if num_beams > 1 and num_samples > 1:
+    raise ConfigError("num_samples > 1 samples; num_beams > 1 searches: choose one")
 
 
 def _model_fns(model_config: ModelConfig, params):
@@ -244,8 +262,8 @@ def encode_chat(tokenizer, text: str) -> list[int]:
   """Token ids of `text` sent as one user message through the tokenizer's chat template,
   ending with the cue for the assistant's reply. The template writes any BOS itself."""
   if not callable(getattr(tokenizer, "apply_chat_template", None)):
-    raise ValueError(f"a {type(tokenizer).__name__} has no chat template; chat needs a "
-                     "pretrained chat model's tokenizer")
+    raise ConfigError(f"a {type(tokenizer).__name__} has no chat template; chat needs a "
+                      "pretrained chat model's tokenizer")
   rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}],
                                            add_generation_prompt=True)
   return list(tokenizer.encode(rendered, add_special_tokens=False))
@@ -265,8 +283,8 @@ def stop_token_ids(tokenizer, stop_strings) -> list[int]:
   for text in stop_strings:
     encoded = list(tokenizer.encode(text))
     if len(encoded) != 1:
-      raise ValueError(f"stop string {text!r} is {len(encoded)} tokens {encoded}; a stop must be "
-                       "exactly one token of this tokenizer")
+      raise ConfigError(f"stop string {text!r} is {len(encoded)} tokens {encoded}; a stop must be "
+                        "exactly one token of this tokenizer")
     ids.append(encoded[0])
   return ids
 
@@ -274,14 +292,21 @@ def stop_token_ids(tokenizer, stop_strings) -> list[int]:
 def generate_batch(trained: TrainedModel, prompts: list[str], *, max_new_tokens: int,
                    sampler=None, seed: int = 0, num_samples: int = 1, num_beams: int = 1,
                    min_new_tokens: int = 0, stop: tuple[str, ...] = (),
-                   length_penalty: float = 1.0, chat: bool = False) -> list[dict]:
-  """Completes every prompt in one batch. Returns, per prompt, {"prompt", "samples": [{"text",
-  "tokens", "logprob"}, ...]} with num_samples samples (or num_beams beams, best first).
+                   length_penalty: float = 1.0, chat: bool = False,
+                   batch_size: int = 64) -> list[dict]:
+  """Completes every prompt, `batch_size` prompts per call. Returns, per prompt,
+  {"prompt", "samples": [{"text", "tokens", "logprob"}, ...]} with num_samples samples
+  (or num_beams beams, best first).
 
   With `chat`, each prompt is sent as a user message through the tokenizer's chat template
   and the reply is generated. Every end-of-sequence id of the tokenizer stops a sample.
+  Each call holds `batch_size` prompts (the last one padded with copies), so a long list
+  compiles one program per prompt bucket; the first call samples with key(seed), call i
+  with fold_in(key(seed), i).
   """
   tokenizer, config = trained.tokenizer, trained.config
+  if batch_size < 1:
+    raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
   encode = encode_chat if chat else encode_prompt
   token_lists = [encode(tokenizer, p) for p in prompts]
   stop_ids = stop_token_ids(tokenizer, stop) + end_ids(tokenizer)[1:]
@@ -289,27 +314,21 @@ def generate_batch(trained: TrainedModel, prompts: list[str], *, max_new_tokens:
   for tokens in token_lists:
     check_request(config, len(tokens), max_new_tokens, min_new_tokens, num_beams, num_samples)
   sampler = decoding.Greedy() if sampler is None else sampler
-  repeated = [t for t in token_lists for _ in range(num_samples)]
-  prompt_array, lengths = pad_prompts(repeated, max_width=config.max_length - max_new_tokens)
-  if num_beams > 1:
-    result = beam_search_tokens(trained.params, prompt_array, lengths, model_config=config,
-                                num_beams=num_beams, max_new_tokens=max_new_tokens,
-                                length_penalty=length_penalty, eos_id=eos_id,
-                                min_new_tokens=min_new_tokens)
-    tokens, out_lengths, scores = (np.asarray(result.tokens), np.asarray(result.lengths),
-                                   np.asarray(result.scores))
-    per_prompt = [[(tokens[i, b], out_lengths[i, b], scores[i, b]) for b in range(num_beams)]
-                  for i in range(len(prompts))]
-  else:
-    stop_array = np.full((len(repeated), max(1, len(stop_ids))), -1, np.int32)
-    stop_array[:, :len(stop_ids)] = stop_ids
-    result = generate_tokens(trained.params, prompt_array, lengths, jax.random.key(seed),
-                             stop_array, model_config=config, max_new_tokens=max_new_tokens,
-                             sampler=sampler, eos_id=eos_id, min_new_tokens=min_new_tokens)
-    tokens, out_lengths = np.asarray(result.tokens), np.asarray(result.lengths)
-    logprob = np.asarray(result.logprobs).sum(axis=1)
-    rows = [(tokens[r], out_lengths[r], logprob[r]) for r in range(len(repeated))]
-    per_prompt = [rows[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]
+  batch_size = min(batch_size, len(token_lists))
+  how = f"beam search ({num_beams} beams)" if num_beams > 1 else "decoding"
+  per_prompt = []
+  with progress.Progress(how, len(token_lists), unit="prompts") as shown:
+    for call, first in enumerate(range(0, len(token_lists), batch_size)):
+      chunk = token_lists[first:first + batch_size]
+      padded = chunk + [chunk[-1]] * (batch_size - len(chunk))  # one shape for every call
+      rng = jax.random.key(seed)
+      rng = rng if call == 0 else jax.random.fold_in(rng, call)
+      per_prompt += _generate_call(trained, padded, rng, max_new_tokens=max_new_tokens,
+                                   sampler=sampler, num_samples=num_samples,
+                                   num_beams=num_beams, min_new_tokens=min_new_tokens,
+                                   stop_ids=stop_ids, eos_id=eos_id,
+                                   length_penalty=length_penalty)[:len(chunk)]
+      shown.update(len(chunk))
   outputs = []
   for prompt, candidates in zip(prompts, per_prompt):
     samples = []
@@ -322,6 +341,33 @@ def generate_batch(trained: TrainedModel, prompts: list[str], *, max_new_tokens:
   return outputs
 
 
+def _generate_call(trained: TrainedModel, token_lists, rng, *, max_new_tokens, sampler,
+                   num_samples, num_beams, min_new_tokens, stop_ids, eos_id, length_penalty):
+  """One compiled call over `token_lists`: per prompt, [(tokens, length, logprob or
+  score)] for each sample or beam."""
+  config = trained.config
+  repeated = [t for t in token_lists for _ in range(num_samples)]
+  prompt_array, lengths = pad_prompts(repeated, max_width=config.max_length - max_new_tokens)
+  if num_beams > 1:
+    result = beam_search_tokens(trained.params, prompt_array, lengths, model_config=config,
+                                num_beams=num_beams, max_new_tokens=max_new_tokens,
+                                length_penalty=length_penalty, eos_id=eos_id,
+                                min_new_tokens=min_new_tokens)
+    tokens, out_lengths, scores = (np.asarray(result.tokens), np.asarray(result.lengths),
+                                   np.asarray(result.scores))
+    return [[(tokens[i, b], out_lengths[i, b], scores[i, b]) for b in range(num_beams)]
+            for i in range(len(token_lists))]
+  stop_array = np.full((len(repeated), max(1, len(stop_ids))), -1, np.int32)
+  stop_array[:, :len(stop_ids)] = stop_ids
+  result = generate_tokens(trained.params, prompt_array, lengths, rng, stop_array,
+                           model_config=config, max_new_tokens=max_new_tokens,
+                           sampler=sampler, eos_id=eos_id, min_new_tokens=min_new_tokens)
+  tokens, out_lengths = np.asarray(result.tokens), np.asarray(result.lengths)
+  logprob = np.asarray(result.logprobs).sum(axis=1)
+  rows = [(tokens[r], out_lengths[r], logprob[r]) for r in range(len(repeated))]
+  return [rows[i * num_samples:(i + 1) * num_samples] for i in range(len(token_lists))]
+
+
 def complete(trained: TrainedModel, prompt: str, *, max_new_tokens: int, sampler,
              seed: int = 0, chat: bool = False) -> str:
   """The text generated after `prompt` (the prompt itself not included).
@@ -330,11 +376,11 @@ def complete(trained: TrainedModel, prompt: str, *, max_new_tokens: int, sampler
   is the reply.
   """
   if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   tokenizer, context = trained.tokenizer, trained.config.max_length
   ids = encode_chat(tokenizer, prompt) if chat else list(tokenizer.encode(prompt))
   if not ids:
-    raise ValueError("the prompt is empty after tokenization; give at least one token")
+    raise ConfigError("the prompt is empty after tokenization; give at least one token")
   keep = max(1, context // 2)
   window = ids if len(ids) < context else ids[-keep:]
   ends = end_ids(tokenizer)

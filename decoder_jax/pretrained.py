@@ -18,8 +18,9 @@ import os
 import flax.linen as nn
 import jax
 
-from decoder_jax import inference
+from decoder_jax import inference, progress
 from decoder_jax.data import tokenizers
+from decoder_jax.errors import ConfigError, NotFound
 from decoder_jax.model.config import ModelConfig
 from decoder_jax.train import sharding as sharding_lib
 from decoder_jax.train.loop import MODEL_CONFIG_FILE
@@ -31,7 +32,7 @@ SOURCE_FILE = "converted_from.json"
 def check_vocab(config: ModelConfig, tokenizer, source: str) -> None:
   """Refuses a model whose embedding table and tokenizer disagree on the vocabulary size."""
   if tokenizer.vocab_size != config.vocab_size:
-    raise ValueError(
+    raise ConfigError(
         f"{source}: the checkpoint's vocabulary has {config.vocab_size} tokens but its "
         f"tokenizer has {tokenizer.vocab_size}; they must match")
 
@@ -61,8 +62,12 @@ def _load_converted(directory: str, mesh, dtype):
   shardings = sharding_lib.shardings_for(boxed, mesh or hf.default_mesh())
   abstract = jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
                           nn.unbox(boxed), shardings)
-  with ocp.StandardCheckpointer() as checkpointer:
+  arrays = len(jax.tree.leaves(abstract))
+  # One orbax call reads every array: the count moves at its end, the bar shows the time.
+  with (progress.Progress(f"restoring {directory}", arrays, unit="arrays") as shown,
+        ocp.StandardCheckpointer() as checkpointer):
     params = checkpointer.restore(os.path.abspath(os.path.join(directory, PARAMS_DIR)), abstract)
+    shown.update(arrays)
   trained = inference.with_dtype(
       inference.TrainedModel(config, params, tokenizers.load_tokenizer(directory)), dtype)
   return trained.config, trained.params, trained.tokenizer
@@ -75,29 +80,33 @@ def _resolve(source: str) -> tuple[str, str]:
     from decoder_jax.interop import fetch
 
     return "gguf", str(fetch.fetch(rest))
+  if sep and kind not in ("gguf", "hf") and not os.path.exists(os.path.expanduser(source)):
+    raise ConfigError(f"pretrained source {source!r}: unknown kind {kind!r}; give gguf:FILE, "
+                      "hf:DIR, fetch:NAME or a directory written by python -m "
+                      "decoder_jax.convert")
   if sep and kind in ("gguf", "hf"):
     path = os.path.expanduser(rest)
     if kind == "gguf" and not os.path.isfile(path):
-      raise FileNotFoundError(f"GGUF file {path} does not exist")
+      raise NotFound(f"GGUF file {path} does not exist")
     if kind == "hf" and not os.path.isdir(path):
-      raise FileNotFoundError(f"Hugging Face model directory {path} does not exist")
+      raise NotFound(f"Hugging Face model directory {path} does not exist")
     return kind, path
   path = os.path.expanduser(source)
   if os.path.isfile(path) and path.endswith(".gguf"):
     return "gguf", path
   if not os.path.isdir(path):
-    raise FileNotFoundError(f"pretrained source {source!r}: no such directory (or give "
-                            "gguf:FILE / hf:DIR)")
+    raise NotFound(f"pretrained source {source!r}: no such directory (or give "
+                   "gguf:FILE / hf:DIR)")
   if os.path.isdir(os.path.join(path, PARAMS_DIR)) and os.path.exists(
       os.path.join(path, MODEL_CONFIG_FILE)):
     return "converted", path
+  if os.path.isdir(os.path.join(path, "checkpoints")):  # (its config.json is not HF's)
+    raise ConfigError(f"{path} is a training workdir: load it with inference.load_trained "
+                      "(python -m decoder_jax.generate --workdir=...)")
   if os.path.exists(os.path.join(path, "config.json")):
     return "hf", path
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    raise ValueError(f"{path} is a training workdir: load it with inference.load_trained "
-                     "(python -m decoder_jax.generate --workdir=...)")
-  raise ValueError(f"{path} is neither a Hugging Face model directory (config.json) nor one "
-                   "written by python -m decoder_jax.convert (model_config.json, params/)")
+  raise ConfigError(f"{path} is neither a Hugging Face model directory (config.json) nor one "
+                    "written by python -m decoder_jax.convert (model_config.json, params/)")
 
 
 def load_pretrained(source: str, *, mesh=None, dtype: str | None = None

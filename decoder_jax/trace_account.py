@@ -20,12 +20,16 @@ Both give milliseconds per step when --steps says how many steps the trace holds
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import glob
 import os
 import re
+
+from absl import flags
+
+from decoder_jax import cli
+from decoder_jax.errors import ConfigError, NotFound
 
 # Checked in this order; the first category whose pattern matches the kernel name or its
 # hlo_op wins. Attention before matmul: cuDNN's flash kernels have "gemm"-like names too.
@@ -76,10 +80,12 @@ def newest_xplane(path: str) -> str:
   """The newest .xplane.pb at or under `path` (a file, or a directory searched recursively)."""
   if os.path.isfile(path):
     return path
+  if not os.path.isdir(path):
+    raise NotFound(f"trace {path} does not exist")
   found = glob.glob(os.path.join(path, "**", "*.xplane.pb"), recursive=True)
   if not found:
-    raise FileNotFoundError(f"no *.xplane.pb under {path!r}: pass the directory given to "
-                            "jax.profiler (e.g. WORKDIR/profile) after the trace was stopped")
+    raise NotFound(f"no *.xplane.pb under {path!r}: pass the directory given to "
+                   "jax.profiler (e.g. WORKDIR/profile) after the trace was stopped")
   return max(found, key=os.path.getmtime)
 
 
@@ -151,8 +157,8 @@ def account(path: str) -> Account:
         span += plane_span
         by_category[IDLE] += plane_span - _union_ns(intervals)
     if not by_op:
-      raise ValueError(f"{path}: GPU planes but no kernels on them; was any jitted program "
-                       "run while the trace was on?")
+      raise ConfigError(f"{path}: GPU planes but no kernels on them; was any jitted program "
+                        "run while the trace was on?")
     return Account(path, "gpu", len(gpu_planes), dict(by_category), dict(by_op), dict(counts),
                    span, dict(modules))
 
@@ -176,8 +182,8 @@ def account(path: str) -> Account:
         starts.append(event.start_ns)
         ends.append(event.start_ns + event.duration_ns)
   if not starts:
-    raise ValueError(f"{path}: no GPU kernels and no host events with an hlo_op; was any "
-                     "jitted program run while the trace was on?")
+    raise ConfigError(f"{path}: no GPU kernels and no host events with an hlo_op; was any "
+                      "jitted program run while the trace was on?")
   return Account(path, "cpu", threads, dict(by_category), dict(by_op), dict(counts),
                  max(ends) - min(starts), dict(modules))
 
@@ -205,14 +211,19 @@ def format_table(acc: Account, steps: int = 0, top: int = 12) -> str:
   return "\n".join(lines)
 
 
-def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  ap.add_argument("trace", help="an .xplane.pb file or a directory holding one (newest used)")
-  ap.add_argument("--steps", type=int, default=0, help="steps in the trace: ms per step")
-  ap.add_argument("--top", type=int, default=12, help="ops listed")
-  args = ap.parse_args(argv)
-  print(format_table(account(args.trace), args.steps, args.top))
+_STEPS = flags.DEFINE_integer("steps", 0, "steps in the trace: ms per step")
+_TOP = flags.DEFINE_integer("top", 12, "ops listed")
+
+
+def main(argv):
+  if len(argv) != 2:
+    raise ConfigError("give one trace: an .xplane.pb file or a directory holding one "
+                      "(python -m decoder_jax.trace_account WORKDIR/profile --steps N)")
+  if _STEPS.value < 0 or _TOP.value < 1:
+    raise ConfigError(f"--steps must be >= 0 and --top >= 1, got {_STEPS.value} and "
+                      f"{_TOP.value}")
+  print(format_table(account(argv[1]), _STEPS.value, _TOP.value))
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main, positional=1)

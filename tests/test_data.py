@@ -1,5 +1,6 @@
 """Tests for decoder_jax.data: tokenizers, tfds text corpora and grain batch pipelines."""
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -7,7 +8,6 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from conftest import require_corpora, shared_data_dir
 from decoder_jax.data import pipeline, text_corpus
 from decoder_jax.data.tokenizers import (
     CharTokenizer,
@@ -16,9 +16,8 @@ from decoder_jax.data.tokenizers import (
     save_tokenizer,
 )
 
-DATA = shared_data_dir()
+DATA = text_corpus.BUNDLED_DIR  # laid out like ../shared/data: tiny_shakespeare/input.txt
 SHAKESPEARE = DATA / "tiny_shakespeare" / "input.txt"
-needs_shakespeare = pytest.mark.usefixtures("data_dir")  # fails with a clear message if absent
 
 SEQ_LEN, BATCH = 64, 12
 
@@ -31,7 +30,6 @@ def tfds_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def shakespeare_text():
-  require_corpora()
   return SHAKESPEARE.read_text(encoding="utf-8")
 
 
@@ -123,7 +121,6 @@ def test_sentencepiece_train_load_round_trip(tmp_path, shakespeare_text):
 # --- corpus splits ----------------------------------------------------------------------
 
 
-@needs_shakespeare
 def test_split_matches_nanogpt(tfds_dir, shakespeare_text):
   corpus = text_corpus.load_local_corpus(SHAKESPEARE.parent, val_fraction=0.1,
                                          data_dir=tfds_dir)
@@ -188,7 +185,6 @@ def test_two_processes_prepare_the_same_corpus_at_once(tmp_path):
 # --- windows layout ---------------------------------------------------------------------
 
 
-@needs_shakespeare
 def test_windows_are_shifted_pairs_inside_their_split(tfds_dir, shakespeare_text):
   data = _make(_config(tfds_dir))
   assert data.layout == "windows" and data.tokenizer.vocab_size == 65
@@ -206,7 +202,6 @@ def test_windows_are_shifted_pairs_inside_their_split(tfds_dir, shakespeare_text
     assert data.tokenizer.decode(np.append(inputs, targets[-1])) in val_text
 
 
-@needs_shakespeare
 def test_same_seed_same_batches(tfds_dir):
   first = _take(_make(_config(tfds_dir), seed=7).train_iter, 4)
   second = _take(_make(_config(tfds_dir), seed=7).train_iter, 4)
@@ -216,7 +211,6 @@ def test_same_seed_same_batches(tfds_dir):
   assert not np.array_equal(first[0]["inputs"], first[1]["inputs"])
 
 
-@needs_shakespeare
 def test_resume_from_state_gives_identical_batches(tfds_dir):
   uninterrupted = _make(_config(tfds_dir)).train_iter
   expected = _take(uninterrupted, 8)[3:]
@@ -229,7 +223,6 @@ def test_resume_from_state_gives_identical_batches(tfds_dir):
   _assert_same_batches(_take(resumed, 5), expected)
 
 
-@needs_shakespeare
 def test_processes_split_the_global_batch(tfds_dir):
   config = _config(tfds_dir, num_eval_windows=20, eval_batch_size=8)
   whole = _make(config, count=1)
@@ -247,7 +240,6 @@ def test_processes_split_the_global_batch(tfds_dir):
           np.concatenate([evals[0][step][key], evals[1][step][key]]), global_batch[key])
 
 
-@needs_shakespeare
 def test_eval_batches_are_fixed_and_padding_has_zero_weight(tfds_dir):
   config = _config(tfds_dir, num_eval_windows=10, eval_batch_size=4)
   data = _make(config, seed=1)
@@ -377,7 +369,6 @@ def test_non_utf8_corpus_names_file_and_offset(tmp_path):
     _make(config)
 
 
-@needs_shakespeare
 def test_bad_batch_sizes_and_names(tfds_dir):
   with pytest.raises(ValueError, match="global_batch_size=12 must be a positive multiple .* 5"):
     _make(_config(tfds_dir), batch=12, count=5)
@@ -389,9 +380,28 @@ def test_bad_batch_sizes_and_names(tfds_dir):
     _make(_config(tfds_dir, layout="random"))
 
 
+def test_tiny_shakespeare_ships_with_the_package(monkeypatch, tmp_path):
+  """The bundled file is the real corpus, and a config with no folder set reads it (no
+  environment variable, no download, no TensorFlow); a local folder still wins."""
+  data = SHAKESPEARE.read_bytes()
+  assert len(data) == 1_115_394
+  assert hashlib.sha256(data).hexdigest() == (
+      "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed")
+  monkeypatch.delenv("DECODER_JAX_DATA", raising=False)
+  config = pipeline.default_data_config()
+  assert pipeline.corpus_location(config) == str(DATA / "tiny_shakespeare")
+  (tmp_path / "tiny_shakespeare").mkdir()
+  monkeypatch.setenv("DECODER_JAX_DATA", str(tmp_path))
+  assert pipeline.corpus_location(pipeline.default_data_config()) == str(
+      tmp_path / "tiny_shakespeare")
+  config.update(corpus="not_bundled")
+  assert pipeline.corpus_location(config) == "tfds:not_bundled"
+
+
 def test_catalog_corpus_offline_error_says_what_to_set(tmp_path, monkeypatch):
   config = pipeline.default_data_config()
   config.update(local_dir=None, path=None, tfds_data_dir=str(tmp_path))
+  monkeypatch.setattr(text_corpus, "bundled_corpus", lambda name: None)  # the catalog's copy
   # Preparing the catalog copy is refused up front without TensorFlow; with it, a failed
   # download is reported the same way.
   if not text_corpus.tensorflow_installed():

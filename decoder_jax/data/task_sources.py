@@ -31,6 +31,7 @@ from pathlib import Path
 import tensorflow_datasets as tfds
 
 from decoder_jax.data import text_corpus
+from decoder_jax.errors import ConfigError, NotFound
 
 TSV_SUFFIX = ".tsv"
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
@@ -76,7 +77,7 @@ def _read_lines(path: Path) -> Iterator[str]:
       for number, line in enumerate(f, start=1):
         yield _strip_eol(line)
   except UnicodeDecodeError as e:
-    raise ValueError(f"{path} is not UTF-8 text near line {number + 1}: {e.reason}.") from None
+    raise ConfigError(f"{path} is not UTF-8 text near line {number + 1}: {e.reason}.") from None
 
 
 def _count_lines(path: Path) -> int:
@@ -99,8 +100,8 @@ def _slug(text: str) -> str:
 
 def _check_directory(directory: Path) -> None:
   if not directory.is_dir():
-    raise FileNotFoundError(f"Task data directory {directory} does not exist or is not a "
-                            "directory.")
+    raise NotFound(f"Task data directory {directory} does not exist or is not a "
+                   "directory.")
 
 
 def parallel_files(directory: str | os.PathLike, src_lang: str,
@@ -109,22 +110,22 @@ def parallel_files(directory: str | os.PathLike, src_lang: str,
   directory = Path(directory).expanduser()
   _check_directory(directory)
   if src_lang == tgt_lang:
-    raise ValueError(f"Source and target language are both {src_lang!r}.")
+    raise ConfigError(f"Source and target language are both {src_lang!r}.")
   found: dict[tuple[str, str], Path] = {}
   for path in sorted(directory.iterdir()):
     name = path.name[:-3] if path.name.endswith(".gz") else path.name
     split, _, lang = name.rpartition(".")
     if path.is_file() and split and lang in (src_lang, tgt_lang):
       if (split, lang) in found:
-        raise ValueError(f"{directory} holds both {found[split, lang].name} and {path.name} "
-                         f"for split {split!r}, language {lang!r}; keep one.")
+        raise ConfigError(f"{directory} holds both {found[split, lang].name} and {path.name} "
+                          f"for split {split!r}, language {lang!r}; keep one.")
       found[split, lang] = path
   splits = sorted({split for split, _ in found})
   pairs = {s: (found[s, src_lang], found[s, tgt_lang]) for s in splits
            if (s, src_lang) in found and (s, tgt_lang) in found}
   if not pairs:
     names = sorted(p.name for p in directory.iterdir())
-    raise FileNotFoundError(
+    raise NotFound(
         f"{directory} has no split with both {{split}}.{src_lang}[.gz] and "
         f"{{split}}.{tgt_lang}[.gz] files; it holds {names[:20]}.")
   return pairs
@@ -165,13 +166,14 @@ class ParallelTextFiles(tfds.core.GeneratorBasedBuilder):
     for source, target in pairs.values():  # Before writing anything.
       counts = _count_lines(source), _count_lines(target)
       if counts[0] != counts[1]:
-        raise ValueError(
+        raise ConfigError(
             f"Parallel files are not line-aligned: {source} has {counts[0]} lines but "
             f"{target} has {counts[1]}.")
     return {split: self._generate_examples(*pair) for split, pair in pairs.items()}
 
   def _generate_examples(self, source: Path, target: Path):
-    for index, (src, tgt) in enumerate(zip(_read_lines(source), _read_lines(target))):
+    pairs = text_corpus.counted(zip(_read_lines(source), _read_lines(target)))
+    for index, (src, tgt) in enumerate(pairs):
       yield index, {"source": src, "target": tgt}
 
 
@@ -182,7 +184,7 @@ def tsv_files(directory: str | os.PathLike) -> dict[str, Path]:
   files = {p.name[: -len(TSV_SUFFIX)]: p for p in sorted(directory.glob(f"*{TSV_SUFFIX}"))
            if p.is_file()}
   if not files:
-    raise FileNotFoundError(f"{directory} holds no {{split}}{TSV_SUFFIX} files.")
+    raise NotFound(f"{directory} holds no {{split}}{TSV_SUFFIX} files.")
   return files
 
 
@@ -195,7 +197,7 @@ def _column(header: list[str], candidates: tuple[str, ...], role: str, path: Pat
     if name in header:
       return header.index(name)
   wanted = " or ".join(repr(c) for c in candidates)
-  raise ValueError(f"{path}: no {role} column {wanted}; the header line has columns {header}.")
+  raise ConfigError(f"{path}: no {role} column {wanted}; the header line has columns {header}.")
 
 
 def read_parallel_pair(source_file: str | os.PathLike, reference_file: str | os.PathLike
@@ -204,11 +206,11 @@ def read_parallel_pair(source_file: str | os.PathLike, reference_file: str | os.
   paths = [Path(os.fspath(source_file)), Path(os.fspath(reference_file))]
   for path in paths:
     if not path.is_file():
-      raise FileNotFoundError(f"{path} does not exist")
+      raise NotFound(f"{path} does not exist")
   sources, targets = (list(_read_lines(p)) for p in paths)
   if len(sources) != len(targets):
-    raise ValueError(f"{paths[0]} has {len(sources)} lines but {paths[1]} has {len(targets)}; "
-                     "parallel files must be line-aligned")
+    raise ConfigError(f"{paths[0]} has {len(sources)} lines but {paths[1]} has {len(targets)}; "
+                      "parallel files must be line-aligned")
   return [{"source": a, "target": b} for a, b in zip(sources, targets)]
 
 
@@ -219,19 +221,19 @@ def read_labelled_tsv(path: Path, label_column: str, text_columns: str | Sequenc
   lines = _read_lines(path)
   header = next(lines, None)
   if header is None:
-    raise ValueError(f"{path} is empty; a header line naming the columns is needed.")
+    raise ConfigError(f"{path} is empty; a header line naming the columns is needed.")
   header = header.split("\t")
   label_at = _column(header, (label_column,), "label", path)
   text_at = _column(header, _as_names(text_columns), "text", path)
   for number, line in enumerate(lines, start=2):
     fields = line.split("\t")
     if len(fields) != len(header):
-      raise ValueError(f"{path} line {number} has {len(fields)} tab-separated fields; the "
-                       f"header has {len(header)} ({header}).")
+      raise ConfigError(f"{path} line {number} has {len(fields)} tab-separated fields; the "
+                        f"header has {len(header)} ({header}).")
     label = fields[label_at]
     if label not in label_names:
-      raise ValueError(f"{path} line {number}: label {label!r} is not one of the configured "
-                       f"labels {list(label_names)}.")
+      raise ConfigError(f"{path} line {number}: label {label!r} is not one of the configured "
+                        f"labels {list(label_names)}.")
     yield fields[text_at], label_names.index(label)
 
 
@@ -282,12 +284,12 @@ class LabelledTsvFiles(tfds.core.GeneratorBasedBuilder):
     config = self.builder_config
     rows = read_labelled_tsv(path, config.label_column, config.text_columns,
                              config.label_names)
-    for index, (text, label) in enumerate(rows):
+    for index, (text, label) in enumerate(text_corpus.counted(rows)):
       yield index, {"text": text, "label": label}
 
 
 def _prepare_local(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuilder:
-  builder.download_and_prepare(file_format="array_record")  # A no-op once prepared.
+  text_corpus.prepare(builder, f"task data {builder.builder_config.directory}")  # once
   return builder
 
 
@@ -314,7 +316,7 @@ def labelled_builder(directory: str | os.PathLike, label_names: Sequence[str], *
   directory = Path(directory).expanduser()
   label_names = tuple(str(n) for n in label_names)
   if len(label_names) < 2 or len(set(label_names)) != len(label_names):
-    raise ValueError(f"label_names must be at least two distinct labels; got {list(label_names)}.")
+    raise ConfigError(f"label_names must be at least two distinct labels; got {list(label_names)}.")
   text_columns = _as_names(text_column)
   files = list(tsv_files(directory).values())
   config = LabelledTsvConfig(
@@ -330,7 +332,7 @@ def labelled_builder(directory: str | os.PathLike, label_names: Sequence[str], *
 def _read_split(builder: tfds.core.DatasetBuilder, split: str, where: str,
                 max_examples: int | None) -> list[dict]:
   if split not in builder.info.splits:
-    raise ValueError(f"{where} has no split {split!r}; it has {sorted(builder.info.splits)}.")
+    raise ConfigError(f"{where} has no split {split!r}; it has {sorted(builder.info.splits)}.")
   source = builder.as_data_source(split=split)
   count = len(source) if max_examples is None else min(len(source), max_examples)
   return list(source.__getitems__(range(count))) if count else []
@@ -338,7 +340,7 @@ def _read_split(builder: tfds.core.DatasetBuilder, split: str, where: str,
 
 def _check_max(max_examples: int | None) -> None:
   if max_examples is not None and max_examples < 1:
-    raise ValueError(f"max_examples must be positive or None; got {max_examples}.")
+    raise ConfigError(f"max_examples must be positive or None; got {max_examples}.")
 
 
 def _text(value) -> str:
@@ -362,8 +364,8 @@ def is_local(source: str | os.PathLike) -> bool:
 
 def _local_alternative(kind: str) -> str:
   layouts = {"parallel": "files {split}.{lang}[.gz], one sentence per line, like "
-                         "../shared/data/multi30k",
-             "labelled": "{split}.tsv files with a header line, like ../shared/data/sst2"}
+                         "multi30k/train.en.gz and multi30k/train.fr.gz",
+             "labelled": "{split}.tsv files with a header line, like sst2/train.tsv"}
   return (f"Pass a local directory instead (task.source = a directory holding "
           f"{layouts[kind]}).")
 
@@ -417,8 +419,8 @@ def load_parallel(source: str | os.PathLike, split: str, src_lang: str, tgt_lang
   fields = list(builder.info.features)
   for lang in (src_lang, tgt_lang):
     if lang not in fields:
-      raise ValueError(f"tfds dataset {source} has no field for language {lang!r}; it has "
-                       f"{fields}.")
+      raise ConfigError(f"tfds dataset {source} has no field for language {lang!r}; it has "
+                        f"{fields}.")
   rows = _read_split(builder, split, f"tfds dataset {source}", max_examples)
   return [{"source": _text(r[src_lang]), "target": _text(r[tgt_lang])} for r in rows]
 
@@ -449,15 +451,15 @@ def load_labelled(source: str | os.PathLike, split: str, label_names: Sequence[s
   candidates = _as_names(text_field or _CATALOG_TEXT_FIELDS.get(str(source), "text"))
   text_key = next((c for c in candidates if c in fields), None)
   if text_key is None or label_field not in fields:
-    raise ValueError(f"tfds dataset {source} lacks the text field {candidates} or the label "
-                     f"field {label_field!r}; it has {fields}.")
+    raise ConfigError(f"tfds dataset {source} lacks the text field {candidates} or the label "
+                      f"field {label_field!r}; it has {fields}.")
   rows = _read_split(builder, split, f"tfds dataset {source}", max_examples)
   examples = []
   for index, r in enumerate(rows):
     label = int(r[label_field])
     if not 0 <= label < len(label_names):  # e.g. glue's unlabelled test split (-1)
-      raise ValueError(f"tfds dataset {source} split {split} example {index}: label {label} "
-                       f"is not an index into the configured labels {list(label_names)}.")
+      raise ConfigError(f"tfds dataset {source} split {split} example {index}: label {label} "
+                        f"is not an index into the configured labels {list(label_names)}.")
     examples.append({"text": _text(r[text_key]), "label": label})
   return examples
 
@@ -475,7 +477,7 @@ def load_jsonl(directory: str | os.PathLike, split: str, *,
                if (directory / f"{split}{s}").is_file()), None)
   if path is None:
     found = sorted(p.name for p in directory.iterdir() if p.name.endswith(JSONL_SUFFIXES))
-    raise FileNotFoundError(f"{directory} has no {split}.jsonl[.gz]; JSONL files there: {found}.")
+    raise NotFound(f"{directory} has no {split}.jsonl[.gz]; JSONL files there: {found}.")
   examples = []
   for number, line in enumerate(_read_lines(path), start=1):
     if max_examples is not None and len(examples) == max_examples:
@@ -485,9 +487,9 @@ def load_jsonl(directory: str | os.PathLike, split: str, *,
     try:
       example = json.loads(line)
     except json.JSONDecodeError as e:
-      raise ValueError(f"{path} line {number} is not JSON: {e}.") from None
+      raise ConfigError(f"{path} line {number} is not JSON: {e}.") from None
     if not isinstance(example, dict):
-      raise ValueError(f"{path} line {number} is a JSON {type(example).__name__}, not an object.")
+      raise ConfigError(f"{path} line {number} is a JSON {type(example).__name__}, not an object.")
     examples.append(example)
   return examples
 

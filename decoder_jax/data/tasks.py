@@ -46,6 +46,7 @@ from ml_collections import config_dict
 from decoder_jax.data import task_sources
 from decoder_jax.data.pipeline import (_READ_OPTIONS, _check_choice, _process_rows,
                                        fill_defaults)
+from decoder_jax.errors import ConfigError
 
 KINDS = ("sft", "translation", "classification")
 MODES = ("label_words", "head")
@@ -129,33 +130,33 @@ class PromptTemplate:
   def __init__(self, template: str, *, required: Sequence[str] = (),
                allowed: Sequence[str] | None = None, name: str = "task.prompt_template"):
     if not isinstance(template, str) or not template:
-      raise ValueError(f"{name} must be a non-empty string; got {template!r}.")
+      raise ConfigError(f"{name} must be a non-empty string; got {template!r}.")
     try:
       parsed = list(string.Formatter().parse(template))
     except ValueError as e:
-      raise ValueError(f"{name} {template!r} is not a valid template ({e}); write {{{{ and "
-                       "}} for literal braces.") from None
+      raise ConfigError(f"{name} {template!r} is not a valid template ({e}); write {{{{ and "
+                        "}} for literal braces.") from None
     fields = []
     for _, field, _, _ in parsed:
       if field is None:
         continue
       if not field.isidentifier():
-        raise ValueError(f"{name} {template!r}: placeholder {{{field}}} must be a plain name "
-                         "such as {source}.")
+        raise ConfigError(f"{name} {template!r}: placeholder {{{field}}} must be a plain name "
+                          "such as {source}.")
       if field not in fields:
         fields.append(field)
     for field in required:
       if field not in fields:
-        raise ValueError(f"{name} {template!r} lacks the placeholder {{{field}}}; the task "
-                         "needs it to show the example.")
+        raise ConfigError(f"{name} {template!r} lacks the placeholder {{{field}}}; the task "
+                          "needs it to show the example.")
     if allowed is not None:
       for field in fields:
         if field not in allowed:
-          raise ValueError(f"{name} {template!r}: unknown placeholder {{{field}}}; this task "
-                           f"fills {', '.join('{' + a + '}' for a in allowed)}.")
+          raise ConfigError(f"{name} {template!r}: unknown placeholder {{{field}}}; this task "
+                            f"fills {', '.join('{' + a + '}' for a in allowed)}.")
     if not fields:
-      raise ValueError(f"{name} {template!r} has no placeholder, so every prompt would be "
-                       "the same.")
+      raise ConfigError(f"{name} {template!r} has no placeholder, so every prompt would be "
+                        "the same.")
     self.template = template
     self.placeholders = tuple(fields)
     self.name = name
@@ -163,8 +164,8 @@ class PromptTemplate:
   def fill(self, values: Mapping[str, Any]) -> str:
     missing = [f for f in self.placeholders if f not in values]
     if missing:
-      raise ValueError(f"{self.name} {self.template!r} needs field {missing[0]!r}, which the "
-                       f"example lacks; it has {sorted(values)}.")
+      raise ConfigError(f"{self.name} {self.template!r} needs field {missing[0]!r}, which the "
+                        f"example lacks; it has {sorted(values)}.")
     return self.template.format(**{f: values[f] for f in self.placeholders})
 
 
@@ -182,17 +183,17 @@ class Task:
     self.use_chat_template = bool(use_chat_template)
     if self.use_chat_template and (not hasattr(tokenizer, "apply_chat_template")
                                    or getattr(tokenizer, "chat_template", None) is None):
-      raise ValueError(f"use_chat_template=True, but the {type(tokenizer).__name__} has no "
-                       "chat template.")
+      raise ConfigError(f"use_chat_template=True, but the {type(tokenizer).__name__} has no "
+                        "chat template.")
     self.response_prefix = ((" " if not self.use_chat_template else "")
                             if response_prefix is None else response_prefix)
     eos = tokenizer.eos_id if eos_id is None else eos_id
     if eos is not None and not 0 <= eos < tokenizer.vocab_size:
-      raise ValueError(f"eos_id {eos} is outside the vocabulary [0, {tokenizer.vocab_size}).")
+      raise ConfigError(f"eos_id {eos} is outside the vocabulary [0, {tokenizer.vocab_size}).")
     if eos is None and self.needs_eos:
-      raise ValueError(f"The {type(tokenizer).__name__} has no end-of-sequence id, and the "
-                       f"{self.kind} task appends one to every response: set task.eos_id "
-                       "(e.g. the id of a newline).")
+      raise ConfigError(f"The {type(tokenizer).__name__} has no end-of-sequence id, and the "
+                        f"{self.kind} task appends one to every response: set task.eos_id "
+                        "(e.g. the id of a newline).")
     self.eos_id = eos
 
   def template_values(self, example: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -237,11 +238,11 @@ class Task:
 
 def _field(example: Mapping[str, Any], field: str, role: str) -> str:
   if field not in example:
-    raise ValueError(f"The {role} field {field!r} is missing from an example with fields "
-                     f"{sorted(example)}.")
+    raise ConfigError(f"The {role} field {field!r} is missing from an example with fields "
+                      f"{sorted(example)}.")
   value = example[field]
   if not isinstance(value, str):
-    raise ValueError(f"The {role} field {field!r} must be text; got {type(value).__name__}.")
+    raise ConfigError(f"The {role} field {field!r} must be text; got {type(value).__name__}.")
   return value
 
 
@@ -255,8 +256,8 @@ class SFTTask(Task):
                response_field: str = "response", **kw):
     template = PromptTemplate(prompt_template)
     if response_field in template.placeholders:
-      raise ValueError(f"task.prompt_template shows the response field {{{response_field}}} "
-                       "in the prompt; the model would learn to copy it.")
+      raise ConfigError(f"task.prompt_template shows the response field {{{response_field}}} "
+                        "in the prompt; the model would learn to copy it.")
     self.response_field = response_field
     super().__init__(tokenizer, template, **kw)
 
@@ -305,8 +306,8 @@ class ClassificationTask(Task):
     _check_choice("task.mode", mode, MODES)
     self.label_names = tuple(str(n) for n in label_names)
     if len(self.label_names) < 2 or len(set(self.label_names)) != len(self.label_names):
-      raise ValueError(f"task.label_names must be at least two distinct labels; got "
-                       f"{list(self.label_names)}.")
+      raise ConfigError(f"task.label_names must be at least two distinct labels; got "
+                        f"{list(self.label_names)}.")
     self.mode = mode
     self.lm_style = mode == "label_words"
     super().__init__(tokenizer, PromptTemplate(prompt_template, required=("text",),
@@ -316,18 +317,18 @@ class ClassificationTask(Task):
     if mode == "label_words":
       self.label_words = tuple(label_words or ())
       if len(self.label_words) != len(self.label_names):
-        raise ValueError(f"task.label_words {list(self.label_words)} must give one word per "
-                         f"label of {list(self.label_names)}.")
+        raise ConfigError(f"task.label_words {list(self.label_words)} must give one word per "
+                          f"label of {list(self.label_names)}.")
       ids = []
       for word, word_ids in zip(self.label_words,
                                 _encode_many(tokenizer, list(self.label_words), special=False)):
         if len(word_ids) != 1:
-          raise ValueError(f"Label word {word!r} encodes to {len(word_ids)} tokens {word_ids}; "
-                           "each label word must be exactly one token (try it with or "
-                           "without a leading space).")
+          raise ConfigError(f"Label word {word!r} encodes to {len(word_ids)} tokens {word_ids}; "
+                            "each label word must be exactly one token (try it with or "
+                            "without a leading space).")
         ids.append(word_ids[0])
       if len(set(ids)) != len(ids):
-        raise ValueError(f"task.label_words {list(self.label_words)} map to the same token.")
+        raise ConfigError(f"task.label_words {list(self.label_words)} map to the same token.")
       self.label_token_ids = np.asarray(ids, np.int32)
 
   @property
@@ -340,8 +341,8 @@ class ClassificationTask(Task):
   def label(self, example) -> int:
     label = example.get("label")
     if not isinstance(label, (int, np.integer)) or not 0 <= label < self.num_labels:
-      raise ValueError(f"Example label {label!r} is not a class index in [0, "
-                       f"{self.num_labels}).")
+      raise ConfigError(f"Example label {label!r} is not a class index in [0, "
+                        f"{self.num_labels}).")
     return int(label)
 
   def responses(self, examples):
@@ -411,15 +412,15 @@ def encode_examples(task: Task, examples: Sequence[Mapping[str, Any]], max_lengt
                     name: str = "examples") -> EncodedExamples:
   """Tokenizes, truncates (counting it) and stores one split."""
   if max_length < 2:
-    raise ValueError(f"task.max_length must be at least 2; got {max_length}.")
+    raise ConfigError(f"task.max_length must be at least 2; got {max_length}.")
   labels = ([task.label(e) for e in examples] if isinstance(task, ClassificationTask)
             else [0] * len(examples))
   tokens, prompt_lens, kept_labels = [], [], []
   truncated = dropped = 0
   for (prompt, response), label in zip(task.encode_all(examples), labels):
     if not prompt:
-      raise ValueError(f"A prompt of {name} encodes to no tokens; the template must "
-                       "produce text.")
+      raise ConfigError(f"A prompt of {name} encodes to no tokens; the template must "
+                        "produce text.")
     fitted = fit_length(prompt, response, max_length, task.lm_style)
     if fitted is None:
       dropped += 1
@@ -446,8 +447,8 @@ def bucket_lengths(max_length: int, buckets: Sequence[int] | None = None) -> tup
     buckets = [2**k for k in range(4, max(4, math.ceil(math.log2(max_length))))]
   buckets = [int(b) for b in buckets]
   if (any(b < 1 or b > max_length for b in buckets) or buckets != sorted(set(buckets))):
-    raise ValueError(f"task.buckets must be ascending lengths in [1, max_length="
-                     f"{max_length}]; got {buckets}.")
+    raise ConfigError(f"task.buckets must be ascending lengths in [1, max_length="
+                      f"{max_length}]; got {buckets}.")
   return tuple(buckets) if buckets and buckets[-1] == max_length else (*buckets, max_length)
 
 
@@ -620,8 +621,8 @@ def _eval_splits(config) -> list[str]:
     return ["validation"]
   found = next((s for s in EVAL_SPLIT_NAMES if s in names), None)
   if found is None:
-    raise ValueError(f"task.eval_split is not set and {config.source} has none of the splits "
-                     f"{EVAL_SPLIT_NAMES} (it has {names}); set task.eval_split.")
+    raise ConfigError(f"task.eval_split is not set and {config.source} has none of the splits "
+                      f"{EVAL_SPLIT_NAMES} (it has {names}); set task.eval_split.")
   return [found]
 
 
@@ -661,7 +662,7 @@ def make_eval_set(task: Task, raw: list[dict], where: str, *, split: str, max_le
   """Loss batches and generation/classification examples of raw eval examples."""
   encoded = encode_examples(task, raw, max_length, where)
   if not len(encoded):
-    raise ValueError(f"{where} has no usable eval examples.")
+    raise ConfigError(f"{where} has no usable eval examples.")
   label_words = isinstance(task, ClassificationTask) and task.mode == "label_words"
   return EvalSet(split=split,
                  batch_list=eval_batch_list(encoded, eval_batch_size, rows, buckets, pad_id,
@@ -687,11 +688,11 @@ def make_task_datasets(
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} is not in [0, {process_count}).")
   if not 0 <= seed < 2**32:
-    raise ValueError(f"seed must lie in [0, 2**32); got {seed}.")
+    raise ConfigError(f"seed must lie in [0, 2**32); got {seed}.")
   if config.max_length < 2:
-    raise ValueError(f"task.max_length must be at least 2; got {config.max_length}.")
+    raise ConfigError(f"task.max_length must be at least 2; got {config.max_length}.")
   if config.bucket_window < 1:
-    raise ValueError(f"task.bucket_window must be positive; got {config.bucket_window}.")
+    raise ConfigError(f"task.bucket_window must be positive; got {config.bucket_window}.")
   train_rows = _process_rows("global_batch_size", global_batch_size, process_index,
                              process_count)
   eval_rows = _process_rows("eval_batch_size", eval_batch_size, process_index, process_count)
@@ -699,12 +700,12 @@ def make_task_datasets(
   pad_id = config.pad_id if config.pad_id is not None else (
       task.eos_id if task.eos_id is not None else 0)
   if not 0 <= pad_id < tokenizer.vocab_size:
-    raise ValueError(f"task.pad_id {pad_id} is outside the vocabulary "
-                     f"[0, {tokenizer.vocab_size}).")
+    raise ConfigError(f"task.pad_id {pad_id} is outside the vocabulary "
+                      f"[0, {tokenizer.vocab_size}).")
   if not config.source:
-    raise ValueError("task.source is not set: give a directory (like ../shared/data/multi30k "
-                     "or ../shared/data/sst2) or a tfds catalog name (like "
-                     "wmt14_translate/fr-en or glue/sst2).")
+    raise ConfigError("task.source is not set: give a directory (in the layout of Multi30k "
+                      "or SST-2) or a tfds catalog name (like wmt14_translate/fr-en or "
+                      "glue/sst2).")
   eval_splits = _eval_splits(config)
   label_words = isinstance(task, ClassificationTask) and task.mode == "label_words"
 
@@ -712,9 +713,9 @@ def make_task_datasets(
                                               config.max_train_examples),
                           config.max_length, f"{config.source}:{config.train_split}")
   if len(train) < global_batch_size:
-    raise ValueError(f"{config.source}:{config.train_split} has {len(train)} usable examples "
-                     f"(of {train.stats['examples']}), fewer than one global batch of "
-                     f"{global_batch_size}.")
+    raise ConfigError(f"{config.source}:{config.train_split} has {len(train)} usable examples "
+                      f"(of {train.stats['examples']}), fewer than one global batch of "
+                      f"{global_batch_size}.")
   batch_fn = _TrainBatch(train, train.lengths, global_batch_size, config.bucket_window, seed,
                          buckets, pad_id, label_words, train_rows)
   steps = grain.MapDataset.range(sys.maxsize).map(batch_fn)  # Element s is step s.

@@ -11,15 +11,20 @@ back with `as_data_source`, which needs no TensorFlow. Splits:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import hashlib
 import importlib.util
+import io
 import os
 import re
 from pathlib import Path
 
 import tensorflow_datasets as tfds
 from etils import epath
+
+from decoder_jax import progress
+from decoder_jax.errors import ConfigError, NotFound, UserError
 
 TEXT_SUFFIX = ".txt"
 
@@ -28,7 +33,18 @@ TEXT_SUFFIX = ".txt"
 _CATALOG_EVAL_SPLITS = {"tiny_shakespeare": "validation+test"}
 
 
-class CorpusUnavailableError(RuntimeError):
+# Corpora that ship inside the package (decoder_jax/data/corpora/NAME/), read when
+# data.corpus names one and no local folder is given.
+BUNDLED_DIR = Path(__file__).resolve().parent / "corpora"
+
+
+def bundled_corpus(name: str) -> Path | None:
+  """The bundled copy of corpus `name` (a folder of .txt files), or None."""
+  folder = BUNDLED_DIR / name
+  return folder if name and "/" not in name and folder.is_dir() else None
+
+
+class CorpusUnavailableError(UserError, RuntimeError):
   """A catalog corpus could not be downloaded or prepared on this machine."""
 
 
@@ -48,13 +64,13 @@ def list_documents(path: str | os.PathLike) -> list[Path]:
   if path.is_file():
     return [path]
   if not path.exists():
-    raise FileNotFoundError(f"Corpus path {path} does not exist.")
+    raise NotFound(f"Corpus path {path} does not exist.")
   files = sorted(
       (p for p in path.rglob(f"*{TEXT_SUFFIX}") if p.is_file()),
       key=lambda p: p.relative_to(path).as_posix(),
   )
   if not files:
-    raise FileNotFoundError(f"Corpus folder {path} contains no {TEXT_SUFFIX} files.")
+    raise NotFound(f"Corpus folder {path} contains no {TEXT_SUFFIX} files.")
   return files
 
 
@@ -64,7 +80,7 @@ def read_utf8(path: Path) -> str:
   try:
     return data.decode("utf-8")
   except UnicodeDecodeError as e:
-    raise ValueError(
+    raise ConfigError(
         f"Corpus file {path} is not UTF-8 text: byte 0x{data[e.start]:02x} at byte offset "
         f"{e.start} ({e.reason})."
     ) from None
@@ -123,7 +139,7 @@ class LocalTextCorpus(tfds.core.GeneratorBasedBuilder):
     }
 
   def _generate_examples(self, documents: list[tuple[str, str]]):
-    for index, (name, text) in enumerate(documents):
+    for index, (name, text) in enumerate(counted(documents)):
       yield index, {"text": text, "name": name}
 
 
@@ -138,11 +154,43 @@ def split_documents(path: Path, val_fraction: float):
   documents = list(zip(names, (read_utf8(f) for f in files)))
   cut = int(len(documents) * (1 - val_fraction))
   if cut == 0:
-    raise ValueError(
+    raise ConfigError(
         f"Corpus folder {path} has {len(documents)} documents; with val_fraction="
         f"{val_fraction} none is left for training."
     )
   return documents[:cut], documents[cut:]
+
+
+# The display of the preparation under way, which the builders' example generators count.
+_PREPARING: contextvars.ContextVar[progress.Progress | None] = contextvars.ContextVar(
+    "preparing", default=None)
+
+
+def counted(examples):
+  """Yields `examples`, counting each on the display of the preparation under way."""
+  for example in examples:
+    yield example
+    shown = _PREPARING.get()
+    if shown is not None:
+      shown.update()
+
+
+def prepare(builder: tfds.core.DatasetBuilder, what: str) -> None:
+  """builder.download_and_prepare(), shown as one decoder_jax progress display.
+
+  tfds' own bars (off from here on, for the process) and its two messages go away: the
+  messages go to stdout, where they would mix with a command's output.
+  """
+  if builder.is_prepared():
+    return
+  tfds.display_progress_bar(False)
+  with progress.Progress(f"preparing {what}", unit="examples") as shown:
+    token = _PREPARING.set(shown)
+    try:
+      with contextlib.redirect_stdout(io.StringIO()):
+        builder.download_and_prepare(file_format="array_record")
+    finally:
+      _PREPARING.reset(token)
 
 
 def _slug(text: str) -> str:
@@ -178,9 +226,9 @@ def load_local_corpus(
   path = Path(path).expanduser()
   files = list_documents(path)
   if sum(f.stat().st_size for f in files) == 0:
-    raise ValueError(f"Corpus {path} is empty ({len(files)} file(s), 0 bytes).")
+    raise ConfigError(f"Corpus {path} is empty ({len(files)} file(s), 0 bytes).")
   if not 0.0 < val_fraction < 1.0:
-    raise ValueError(f"val_fraction must lie in (0, 1); got {val_fraction}.")
+    raise ConfigError(f"val_fraction must lie in (0, 1); got {val_fraction}.")
   name = _slug(path.stem if path.is_file() else path.name)
   config = LocalTextConfig(
       name=f"{name}_{_fingerprint(path, files, val_fraction)}",
@@ -193,7 +241,7 @@ def load_local_corpus(
     # Built under the lock: a builder made before another process finished preparing
     # would not see the splits that process wrote.
     builder = LocalTextCorpus(config=config, data_dir=data_dir, file_format="array_record")
-    builder.download_and_prepare(file_format="array_record")  # A no-op once prepared.
+    prepare(builder, f"corpus {path}")  # A no-op once prepared.
   return CorpusSplits(
       source=str(path),
       train=_read_split(builder, "train"),
@@ -216,22 +264,22 @@ def load_catalog_corpus(name: str, *, data_dir: str | None) -> CorpusSplits:
   try:
     builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
   except tfds.core.registered.DatasetNotFoundError as e:
-    raise ValueError(f"data.corpus={name!r} is not a tfds catalog dataset. "
-                     + _local_alternative().replace("CORPUS", name)) from e
+    raise ConfigError(f"data.corpus={name!r} is not a tfds catalog dataset. "
+                      + _local_alternative().replace("CORPUS", name)) from e
   if not builder.is_prepared():
     with _preparation_lock(builder):  # another run may be preparing it right now
       builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
       if not builder.is_prepared():
         _prepare_catalog(builder, name)
   if "text" not in builder.info.features:
-    raise ValueError(f"tfds dataset {name} has no 'text' feature; it has "
-                     f"{list(builder.info.features)}.")
+    raise ConfigError(f"tfds dataset {name} has no 'text' feature; it has "
+                      f"{list(builder.info.features)}.")
   splits = builder.info.splits
   eval_split = _CATALOG_EVAL_SPLITS.get(name) or next(
       (s for s in ("validation", "test") if s in splits), None)
   if "train" not in splits or eval_split is None:
-    raise ValueError(f"tfds dataset {name} needs a train and a validation or test split; "
-                     f"it has {list(splits)}.")
+    raise ConfigError(f"tfds dataset {name} needs a train and a validation or test split; "
+                      f"it has {list(splits)}.")
   train = _read_split(builder, "train")
   return CorpusSplits(
       source=f"tfds:{name}",
@@ -262,7 +310,7 @@ def _prepare_catalog(builder: tfds.core.DatasetBuilder, name: str) -> None:
     )
   try:
     # Offline, tfds retries each download about ten times with backoff (~3 min).
-    builder.download_and_prepare(file_format="array_record")
+    prepare(builder, f"tfds catalog dataset {name}")
   except ModuleNotFoundError as e:
     raise CorpusUnavailableError(
         f"Preparing tfds catalog dataset {name!r} needs the Python module {e.name!r}, "

@@ -18,6 +18,8 @@ import numpy as np
 import sentencepiece as spm
 from etils import epath
 
+from decoder_jax.errors import ConfigError, NotFound
+
 _DESCRIPTOR = "tokenizer.json"
 _SPM_FILE = "tokenizer.model"
 _HF_DIR = "hf_tokenizer"  # HF's own files (one also named tokenizer.json) go in a subfolder
@@ -70,7 +72,7 @@ class CharTokenizer:
       missing = sorted({chr(c) for c in code_points[unknown]})
       shown = ", ".join(repr(c) for c in missing[:20])
       more = f" and {len(missing) - 20} more" if len(missing) > 20 else ""
-      raise ValueError(
+      raise ConfigError(
           f"CharTokenizer cannot encode {len(missing)} character(s) outside its "
           f"{self.vocab_size}-character vocabulary: {shown}{more}."
       )
@@ -125,7 +127,7 @@ class SentencePieceTokenizer:
     paths = [corpus_path] if isinstance(corpus_path, (str, os.PathLike)) else list(corpus_path)
     for path in paths:
       if not os.path.isfile(path):
-        raise FileNotFoundError(f"SentencePiece training input {path} does not exist.")
+        raise NotFound(f"SentencePiece training input {path} does not exist.")
     return cls._train(model_prefix, vocab_size, input=[os.fspath(p) for p in paths], **kw)
 
   @classmethod
@@ -135,23 +137,28 @@ class SentencePieceTokenizer:
     """Like `train`, from an in-memory text (one training sentence per line)."""
     lines = [line for line in text.splitlines() if line]
     if not lines:
-      raise ValueError("Cannot train SentencePiece on an empty text.")
+      raise ConfigError("Cannot train SentencePiece on an empty text.")
     return cls._train(model_prefix, vocab_size, sentence_iterator=iter(lines), **kw)
 
   @classmethod
   def _train(cls, model_prefix, vocab_size, **kw) -> SentencePieceTokenizer:
     options = {**_SPM_TRAIN_DEFAULTS, **kw}
+    if vocab_size < 1:
+      raise ConfigError(f"A SentencePiece vocab_size must be positive; got {vocab_size}.")
     os.makedirs(os.path.dirname(os.path.abspath(model_prefix)), exist_ok=True)
-    spm.SentencePieceTrainer.train(
-        model_prefix=os.fspath(model_prefix), vocab_size=vocab_size, **options
-    )
+    try:
+      spm.SentencePieceTrainer.train(
+          model_prefix=os.fspath(model_prefix), vocab_size=vocab_size, **options
+      )
+    except RuntimeError as e:  # e.g. a vocab_size the text cannot fill
+      raise ConfigError(f"SentencePiece training failed: {e}") from None
     return cls.load(f"{os.fspath(model_prefix)}.model")
 
   @classmethod
   def load(cls, model_path: str | os.PathLike) -> SentencePieceTokenizer:
     path = epath.Path(model_path)
     if not path.exists():
-      raise FileNotFoundError(f"SentencePiece model {path} does not exist.")
+      raise NotFound(f"SentencePiece model {path} does not exist.")
     return cls(path.read_bytes())
 
   @property
@@ -211,7 +218,7 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
   """Inverse of `save_tokenizer`; also reads a Hugging Face model directory directly."""
   descriptor_path = epath.Path(directory) / _DESCRIPTOR
   if not descriptor_path.exists():
-    raise FileNotFoundError(
+    raise NotFound(
         f"{descriptor_path} does not exist; was the tokenizer saved with save_tokenizer?"
     )
   descriptor = json.loads(descriptor_path.read_text())
@@ -227,7 +234,7 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
     from decoder_jax.interop.hf_tokenizer import HFTokenizer
     tokenizer = HFTokenizer.load(epath.Path(directory) / descriptor["directory"])
   else:
-    raise ValueError(f"{descriptor_path}: unknown tokenizer type {kind!r}.")
+    raise ConfigError(f"{descriptor_path}: unknown tokenizer type {kind!r}.")
   if tokenizer.vocab_size != descriptor.get("vocab_size", tokenizer.vocab_size):
-    raise ValueError(f"{descriptor_path}: vocab_size does not match the stored tokenizer.")
+    raise ConfigError(f"{descriptor_path}: vocab_size does not match the stored tokenizer.")
   return tokenizer

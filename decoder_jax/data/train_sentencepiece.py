@@ -1,14 +1,15 @@
 r"""Trains a SentencePiece model on a text file or a folder of .txt files.
 
   python -m decoder_jax.data.train_sentencepiece \
-      --input=../shared/data/tiny_shakespeare/input.txt \
+      --input=decoder_jax/data/corpora/tiny_shakespeare/input.txt \
       --model_prefix=/tmp/spm/shakespeare --vocab_size=1000
 
 writes PREFIX.model and PREFIX.vocab; point data.spm_model at PREFIX.model.
 """
 
-from absl import app, flags, logging
+from absl import flags, logging
 
+from decoder_jax import cli
 from decoder_jax.data import text_corpus
 from decoder_jax.data.tokenizers import SentencePieceTokenizer
 
@@ -33,4 +34,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

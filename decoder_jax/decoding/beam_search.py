@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from decoder_jax.decoding.loop import first_stage, prefill, staged_while_loop
+from decoder_jax.errors import ConfigError
 
 
 @struct.dataclass
@@ -60,12 +61,12 @@ class BeamResult:
 def _validate(prompts, prompt_lengths, cache, num_beams, max_new_tokens, min_new_tokens,
               cache_batch_axis):
   if num_beams < 1:
-    raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+    raise ConfigError(f"num_beams must be >= 1, got {num_beams}")
   if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   if not 0 <= min_new_tokens <= max_new_tokens:
-    raise ValueError(f"min_new_tokens must be in [0, max_new_tokens={max_new_tokens}], "
-                     f"got {min_new_tokens}")
+    raise ConfigError(f"min_new_tokens must be in [0, max_new_tokens={max_new_tokens}], "
+                      f"got {min_new_tokens}")
   if jnp.ndim(prompts) != 2:
     raise ValueError(f"prompts must be 2-D [batch, prompt_len], got shape {jnp.shape(prompts)}")
   batch = jnp.shape(prompts)[0]

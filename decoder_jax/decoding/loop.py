@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from decoder_jax.errors import ConfigError
+
 
 @struct.dataclass
 class DecodeState:
@@ -138,10 +140,10 @@ def generate(tokens_to_logits: Callable, cache, prompts, prompt_lengths, *, max_
   (one loop body compiled per stage).
   """
   if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   if not 0 <= min_new_tokens <= max_new_tokens:
-    raise ValueError(f"min_new_tokens must be in [0, max_new_tokens={max_new_tokens}], "
-                     f"got {min_new_tokens}")
+    raise ConfigError(f"min_new_tokens must be in [0, max_new_tokens={max_new_tokens}], "
+                      f"got {min_new_tokens}")
   batch = prompts.shape[0]
   stops = stop_table(batch, eos_id, stop_ids)  # [batch, num_stop]
 

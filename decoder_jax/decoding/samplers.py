@@ -10,6 +10,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from decoder_jax.errors import ConfigError
+
 
 @dataclasses.dataclass(frozen=True)
 class Greedy:
@@ -24,7 +26,7 @@ class Temperature:
 
   def __post_init__(self):
     if self.temperature <= 0:
-      raise ValueError(f"temperature must be > 0 (use Greedy for 0), got {self.temperature}")
+      raise ConfigError(f"temperature must be > 0 (use Greedy for 0), got {self.temperature}")
 
   def __call__(self, logits, rng):
     scaled = logits.astype(jnp.float32) / self.temperature
@@ -39,7 +41,7 @@ class TopK:
 
   def __post_init__(self):
     if self.k < 1:
-      raise ValueError(f"top_k must be >= 1, got {self.k}")
+      raise ConfigError(f"top_k must be >= 1, got {self.k}")
     Temperature(self.temperature)  # validates
 
   def __call__(self, logits, rng):
@@ -64,9 +66,9 @@ class TopP:
 
   def __post_init__(self):
     if not 0.0 < self.p <= 1.0:
-      raise ValueError(f"top_p must be in (0, 1], got {self.p}")
+      raise ConfigError(f"top_p must be in (0, 1], got {self.p}")
     if self.top_k is not None and self.top_k < 1:
-      raise ValueError(f"top_k must be >= 1 (or None for no top-k), got {self.top_k}")
+      raise ConfigError(f"top_k must be >= 1 (or None for no top-k), got {self.top_k}")
     Temperature(self.temperature)  # validates
 
   def __call__(self, logits, rng):
@@ -88,11 +90,11 @@ def make_sampler(temperature: float = 1.0, top_k: int | None = None, top_p: floa
   and top_p 1 mean no truncation. Invalid values raise ValueError here, before any
   compilation."""
   if temperature < 0:
-    raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
   if top_k is not None and top_k < 1:
-    raise ValueError(f"top_k must be >= 1 (or None for no top-k), got {top_k}")
+    raise ConfigError(f"top_k must be >= 1 (or None for no top-k), got {top_k}")
   if not 0.0 < top_p <= 1.0:
-    raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
   if temperature == 0:
     return Greedy()
   if top_p < 1.0:

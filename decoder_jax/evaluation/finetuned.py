@@ -12,6 +12,8 @@ import os
 import pathlib
 import time
 
+from decoder_jax.errors import ConfigError, NotFound
+
 
 def _eval_set(datasets, task_config, split, source_file, reference_file, tsv_file,
               eval_batch_size, max_examples):
@@ -21,13 +23,13 @@ def _eval_set(datasets, task_config, split, source_file, reference_file, tsv_fil
   task = datasets.task
   if source_file or reference_file:
     if not (source_file and reference_file):
-      raise ValueError("--source_file and --reference_file go together")
+      raise ConfigError("--source_file and --reference_file go together")
     if isinstance(task, tasks.ClassificationTask):
-      raise ValueError("--source_file/--reference_file are for translation configs")
+      raise ConfigError("--source_file/--reference_file are for translation configs")
     raw, where = task_sources.read_parallel_pair(source_file, reference_file), source_file
   elif tsv_file:
     if not isinstance(task, tasks.ClassificationTask):
-      raise ValueError("--tsv_file is for classification configs")
+      raise ConfigError("--tsv_file is for classification configs")
     config = tasks.with_defaults(task_config)
     text_columns = config.text_field or ("content", "sentence")
     raw = [{"text": text, "label": label} for text, label in task_sources.read_labelled_tsv(
@@ -50,18 +52,26 @@ def load_finetuned(config, workdir: str | None, *, zero_shot: bool = False,
                    weights: str = "best"):
   """(run, params, what) for a task config: the base from config.init_from plus the
   trainable half from `workdir` ("best" or "latest" checkpoint), or the pretrained model
-  alone with `zero_shot` (or when `workdir` holds no run). `params` is the full tree (LoRA
-  adapters unmerged); `what` says which weights these are."""
+  alone with `zero_shot`. `params` is the full tree (LoRA adapters unmerged); `what` says
+  which weights these are."""
   import jax
 
   from decoder_jax import peft
-  from decoder_jax.train import loop, optimizer, setup, sharding
+  from decoder_jax.train import checkpoint, loop, optimizer, setup, sharding
 
   if config.get("task") is None:
-    raise ValueError("--config must be a task config (with a task section), e.g. "
-                         "configs/smollm2_sst2.py:lora")
-  has_run = bool(workdir) and os.path.exists(os.path.join(workdir, loop.MODEL_CONFIG_FILE))
-  zero_shot = zero_shot or not has_run
+    raise ConfigError("--config must be a task config (with a task section), e.g. "
+                      "configs/smollm2_sst2.py:lora")
+  if not zero_shot:  # checked before the model loads: a mistyped workdir fails at once
+    if not workdir:
+      raise ConfigError("give --workdir of a fine-tuning run, or --zero_shot to score the "
+                        "pretrained model (config.init_from)")
+    if not os.path.exists(os.path.join(workdir, loop.MODEL_CONFIG_FILE)):
+      raise NotFound(f"{workdir} holds no training run ({loop.MODEL_CONFIG_FILE} is missing); "
+                     "pass the --workdir of a fine-tuning run, or --zero_shot")
+    if checkpoint.latest_step(workdir) is None:
+      raise NotFound(f"no checkpoint in {workdir} yet (use --zero_shot for the pretrained "
+                     "model)")
   loop.split_host_cpu(config.mesh.get("num_cpu_devices"))
   mesh = sharding.make_mesh(config.mesh)
   if zero_shot:
@@ -70,8 +80,8 @@ def load_finetuned(config, workdir: str | None, *, zero_shot: bool = False,
       config.model.lora = None  # the pretrained model alone
   run = setup.build_run(config, workdir, mesh, need_base=True, resuming=False)
   if zero_shot and run.model.num_labels:
-    raise ValueError("zero-shot needs task.mode=label_words: a classification head is "
-                         "untrained before fine-tuning")
+    raise ConfigError("zero-shot needs task.mode=label_words: a classification head is "
+                      "untrained before fine-tuning")
   tx = optimizer.make_optimizer(config.train)
   _, _, _, frozen_shardings = setup.abstract_state(run, tx, mesh, config)
   trainable, frozen = setup.split_params(run, setup.initial_params(run, mesh, jax.random.key(0)),
@@ -165,9 +175,6 @@ def _restore_trainable(workdir, weights, run, tx, mesh, config, like):
                                  f"{best['step']}", "workdir": workdir}
   abstract, *_ = setup.abstract_state(run, tx, mesh, config)
   manager = checkpoint.make_manager(workdir, 1, 1, async_writes=False)
-  if manager.latest_step() is None:
-    raise FileNotFoundError(f"no checkpoint in {workdir} (use --zero_shot for the pretrained "
-                            "model)")
   state, _ = checkpoint.restore(manager, abstract)
   manager.close()
   return state.params, {"weights": f"latest checkpoint, step {int(state.step)}",

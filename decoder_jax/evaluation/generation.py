@@ -6,19 +6,17 @@ whole evaluation set compiles one program per prompt bucket, not one per chunk.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 
 import jax
 import numpy as np
-from absl import logging
 
-from decoder_jax import decoding, inference
+from decoder_jax import decoding, inference, progress
 
 
 def generate_texts(trained: inference.TrainedModel, prompt_ids: Sequence[Sequence[int]], *,
                    max_new_tokens: int, num_beams: int = 1, batch_size: int = 32,
-                   length_penalty: float = 1.0, log_every_s: float = 30.0) -> list[str]:
+                   length_penalty: float = 1.0) -> list[str]:
   """The text each prompt continues with (greedy, or the best of `num_beams` beams), up to
   the first end-of-sequence token of the tokenizer, which is not included."""
   if not prompt_ids:
@@ -30,7 +28,8 @@ def generate_texts(trained: inference.TrainedModel, prompt_ids: Sequence[Sequenc
   for ids in prompt_ids:
     inference.check_request(config, len(ids), max_new_tokens, num_beams=num_beams)
   texts: list[str] = []
-  start = last_log = time.perf_counter()
+  how = f"beam search ({num_beams} beams)" if num_beams > 1 else "greedy decoding"
+  shown = progress.Progress(how, len(prompt_ids), unit="prompts")
   for first in range(0, len(prompt_ids), batch_size):
     chunk = list(prompt_ids[first:first + batch_size])
     rows = len(chunk)
@@ -53,10 +52,8 @@ def generate_texts(trained: inference.TrainedModel, prompt_ids: Sequence[Sequenc
       if ids and ids[-1] in ends:
         ids = ids[:-1]
       texts.append(tokenizer.decode(ids, **_skip_special(tokenizer)).strip())
-    now = time.perf_counter()
-    if now - last_log > log_every_s:
-      last_log = now
-      logging.info("generated %d/%d (%.0f s)", len(texts), len(prompt_ids), now - start)
+    shown.update(rows)
+  shown.close()
   return texts
 
 

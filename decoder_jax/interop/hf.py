@@ -29,6 +29,8 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import Mesh
 
+from decoder_jax import progress
+from decoder_jax.errors import ConfigError, NotFound
 from decoder_jax.model.config import ModelConfig
 from decoder_jax.model.transformer import Decoder
 from decoder_jax.train import sharding as sharding_lib
@@ -51,14 +53,14 @@ _DTYPES = ("float32", "bfloat16", "float16")
 
 def _require(condition: bool, model_type: str, what: str) -> None:
   if not condition:
-    raise ValueError(f"{model_type} checkpoint: {what} is not supported by decoder_jax")
+    raise ConfigError(f"{model_type} checkpoint: {what} is not supported by decoder_jax")
 
 
 def _hf_dtype(hf: Mapping[str, Any]) -> str:
   name = hf.get("dtype") or hf.get("torch_dtype") or "float32"
   name = str(name).removeprefix("torch.")
   if name not in _DTYPES:
-    raise ValueError(f"checkpoint dtype {name!r} is not supported; supported: {_DTYPES}")
+    raise ConfigError(f"checkpoint dtype {name!r} is not supported; supported: {_DTYPES}")
   return name
 
 
@@ -127,8 +129,8 @@ def config_from_hf(hf_config: Mapping[str, Any], dtype: str | None = None,
   """
   model_type = hf_config.get("model_type")
   if model_type not in SUPPORTED_MODEL_TYPES:
-    raise ValueError(f"unsupported Hugging Face model_type {model_type!r}; "
-                     f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    raise ConfigError(f"unsupported Hugging Face model_type {model_type!r}; "
+                      f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
   _require("quantization_config" not in hf_config, model_type, "a quantized checkpoint")
   if model_type == "gpt2":
     fields = _gpt2_config(hf_config)
@@ -136,7 +138,7 @@ def config_from_hf(hf_config: Mapping[str, Any], dtype: str | None = None,
     fields = _llama_like_config(hf_config, model_type)
   dtype = dtype or _hf_dtype(hf_config)
   if dtype not in _DTYPES:
-    raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+    raise ConfigError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
   fields.update(dtype=dtype, param_dtype=dtype, dropout=0.0)
   return ModelConfig.from_dict({**fields, **overrides})
 
@@ -154,8 +156,9 @@ def _export_config(config: ModelConfig) -> ModelConfig:
   """`config` widened to the biases the exported architecture has (missing ones are zeros)."""
   if config.family == "gpt2":
     if config.kv_heads != config.num_heads:
-      raise ValueError("GPT-2 has no grouped-query attention: cannot export a gpt2-family "
-                       f"model with num_kv_heads={config.kv_heads} != num_heads={config.num_heads}")
+      raise ConfigError("GPT-2 has no grouped-query attention: cannot export a gpt2-family "
+                        f"model with num_kv_heads={config.kv_heads} != "
+                        f"num_heads={config.num_heads}")
     return dataclasses.replace(config, use_bias=True, qkv_bias=None, mlp_bias=None)
   if export_model_type(config) == "qwen2":
     return config
@@ -352,11 +355,11 @@ class _Checkpoint:
                       for name, file in weight_map.items()}
       for path in sorted(set(self.file_of.values())):
         if not os.path.exists(path):
-          raise FileNotFoundError(f"checkpoint file {path} (listed in {INDEX_FILE}) is missing")
+          raise NotFound(f"checkpoint file {path} (listed in {INDEX_FILE}) is missing")
     elif os.path.exists(single_path):
       self.file_of = {name: single_path for name in self._handle(single_path).keys()}
     else:
-      raise FileNotFoundError(
+      raise NotFound(
           f"{self.directory} has neither {WEIGHTS_FILE} nor {INDEX_FILE} (only safetensors "
           "checkpoints are read; re-save a pytorch_model.bin one with "
           "save_pretrained(..., safe_serialization=True))")
@@ -415,14 +418,14 @@ def _check_checkpoint(checkpoint: _Checkpoint, config: ModelConfig, links: list[
   missing = sorted({resolved[link.hf] for link in links} - names)
   if missing:
     more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
-    raise ValueError(f"{checkpoint.directory}: checkpoint lacks {len(missing)} tensor(s) this "
-                     f"config needs: {', '.join(missing[:10])}{more}")
+    raise ConfigError(f"{checkpoint.directory}: checkpoint lacks {len(missing)} tensor(s) this "
+                      f"config needs: {', '.join(missing[:10])}{more}")
   for hf_name, expected in {link.hf: link.hf_shape for link in links}.items():
     name = resolved[hf_name]
     actual = checkpoint.shape(name)
     if actual != expected:
-      raise ValueError(f"{checkpoint.directory}: tensor {name!r} has shape {actual}, but "
-                       f"the model config (from config.json) expects {expected}")
+      raise ConfigError(f"{checkpoint.directory}: tensor {name!r} has shape {actual}, but "
+                        f"the model config (from config.json) expects {expected}")
   used = set(resolved.values())
   tied_head = {"lm_head.weight"} if config.tie_embeddings else set()  # a saved duplicate
   unused = sorted(n for n in names - used - tied_head if not n.endswith(_BUFFER_SUFFIXES))
@@ -431,7 +434,7 @@ def _check_checkpoint(checkpoint: _Checkpoint, config: ModelConfig, links: list[
                f"the {config.family} model: {', '.join(unused[:10])}"
                + (" ..." if len(unused) > 10 else ""))
     if strict:
-      raise ValueError(message + " (pass strict=False to load anyway)")
+      raise ConfigError(message + " (pass strict=False to load anyway)")
     warnings.warn(message)
 
 
@@ -447,7 +450,7 @@ def place_on_devices(host: np.ndarray, sharding) -> jax.Array:
 def read_hf_config(directory: str | os.PathLike) -> dict[str, Any]:
   path = os.path.join(os.fspath(directory), CONFIG_FILE)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} is missing: not a Hugging Face model directory")
+    raise NotFound(f"{path} is missing: not a Hugging Face model directory")
   with open(path) as f:
     return json.load(f)
 
@@ -484,7 +487,8 @@ def load_hf(directory: str | os.PathLike, *, mesh: Mesh | None = None,
       return link.to_ours(tensor, shape).astype(param_dtype)
 
     flat_params = {}
-    for path, shape_struct in flat_shapes.items():
+    for path, shape_struct in progress.track(flat_shapes.items(), f"reading {directory}",
+                                             unit="arrays"):
       shape = shape_struct.shape
       if path[0] == "blocks":  # scanned: stack the layers, [layers, ...]
         host = np.stack([host_leaf((f"block_{i}",) + path[1:], shape[1:])
@@ -530,10 +534,10 @@ def save_hf(directory: str | os.PathLike, config: ModelConfig, params, *,
   several files with an index. Returns the model_type written.
   """
   if dtype not in _DTYPES:
-    raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+    raise ConfigError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
   if config.lora is not None:  # the export has no place for adapters: they would be dropped
-    raise ValueError("config.lora is set: fold the adapters in first with "
-                     "decoder_jax.peft.merge(params, config) and export its result")
+    raise ConfigError("config.lora is set: fold the adapters in first with "
+                      "decoder_jax.peft.merge(params, config) and export its result")
   from safetensors.numpy import save_file  # imported here: only interop needs safetensors
   directory = os.fspath(directory)
   os.makedirs(directory, exist_ok=True)
@@ -542,13 +546,13 @@ def save_hf(directory: str | os.PathLike, config: ModelConfig, params, *,
   flat_params = traverse_util.flatten_dict(nn.unbox(params))
   flat_shapes = traverse_util.flatten_dict(nn.unbox(abstract_params(config)))
   if set(flat_params) != set(flat_shapes):
-    raise ValueError(f"params do not match the config: missing "
-                     f"{sorted(set(flat_shapes) - set(flat_params))[:5]}, unexpected "
-                     f"{sorted(set(flat_params) - set(flat_shapes))[:5]}")
+    raise ConfigError(f"params do not match the config: missing "
+                      f"{sorted(set(flat_shapes) - set(flat_params))[:5]}, unexpected "
+                      f"{sorted(set(flat_params) - set(flat_shapes))[:5]}")
   for path, leaf in flat_params.items():
     if tuple(leaf.shape) != tuple(flat_shapes[path].shape):
-      raise ValueError(f"param {'/'.join(path)} has shape {tuple(leaf.shape)}, the config "
-                       f"implies {tuple(flat_shapes[path].shape)}")
+      raise ConfigError(f"param {'/'.join(path)} has shape {tuple(leaf.shape)}, the config "
+                        f"implies {tuple(flat_shapes[path].shape)}")
   where = unscanned_leaves(config, flat_shapes)
   out_dtype = jnp.dtype(dtype)
 

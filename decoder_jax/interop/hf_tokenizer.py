@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 from etils import epath
 
+from decoder_jax.errors import ConfigError, NotFound
+
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
@@ -49,7 +51,7 @@ def _tojson(value, indent=None, separators=None, sort_keys=False, ensure_ascii=F
 
 
 def _raise_exception(message):
-  raise ValueError(f"chat template: {message}")
+  raise ConfigError(f"chat template: {message}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -103,8 +105,8 @@ class HFTokenizer:
   def load(cls, directory: str | os.PathLike) -> HFTokenizer:
     directory = epath.Path(directory)
     if not (directory / TOKENIZER_FILE).exists():
-      raise FileNotFoundError(f"{directory / TOKENIZER_FILE} does not exist (a Hugging Face "
-                              "fast tokenizer is needed; slow-only tokenizers are not read)")
+      raise NotFound(f"{directory / TOKENIZER_FILE} does not exist (a Hugging Face "
+                     "fast tokenizer is needed; slow-only tokenizers are not read)")
     config = _read_json(directory / TOKENIZER_CONFIG_FILE)
     template_path = directory / CHAT_TEMPLATE_FILE
     template = template_path.read_text() if template_path.exists() else None
@@ -191,8 +193,8 @@ class HFTokenizer:
     result with add_special_tokens=False: the template writes BOS itself where it wants.
     """
     if self._chat_template is None:
-      raise ValueError("this tokenizer has no chat_template (tokenizer_config.json / "
-                       f"{CHAT_TEMPLATE_FILE})")
+      raise ConfigError("this tokenizer has no chat_template (tokenizer_config.json / "
+                        f"{CHAT_TEMPLATE_FILE})")
     special = {key: _token_text(value) for key, value in self._config.items()
                if key.endswith("_token") and isinstance(value, (str, Mapping))}
     template = _template_environment().from_string(self._chat_template)

@@ -12,6 +12,8 @@ import math
 import re
 from typing import Any, Optional
 
+from decoder_jax.errors import ConfigError
+
 FAMILIES = ("gpt2", "llama")
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "einsum", "auto")
 # What a block keeps for the backward pass: everything ("none", no recomputation), only
@@ -51,19 +53,19 @@ class LoraConfig:
     targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
     object.__setattr__(self, "targets", targets)
     if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-      raise ValueError(f"model.lora.rank must be an integer >= 1, got {self.rank!r}")
+      raise ConfigError(f"model.lora.rank must be an integer >= 1, got {self.rank!r}")
     if not self.alpha > 0:
-      raise ValueError(f"model.lora.alpha must be positive, got {self.alpha}")
+      raise ConfigError(f"model.lora.alpha must be positive, got {self.alpha}")
     if not 0.0 <= self.dropout < 1.0:
-      raise ValueError(f"model.lora.dropout must be in [0, 1), got {self.dropout}")
+      raise ConfigError(f"model.lora.dropout must be in [0, 1), got {self.dropout}")
     if not targets:
-      raise ValueError("model.lora.targets is empty: name at least one module pattern, "
-                       f"e.g. {LORA_TARGETS} or ('query', 'value')")
+      raise ConfigError("model.lora.targets is empty: name at least one module pattern, "
+                        f"e.g. {LORA_TARGETS} or ('query', 'value')")
     for pattern in targets:
       try:
         re.compile(pattern)
       except (re.error, TypeError) as e:
-        raise ValueError(f"model.lora.targets: {pattern!r} is not a regex ({e})") from None
+        raise ConfigError(f"model.lora.targets: {pattern!r} is not a regex ({e})") from None
 
   @property
   def scaling(self) -> float:
@@ -78,7 +80,7 @@ class LoraConfig:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-      raise ValueError(f"unknown model.lora field(s) {unknown}; known fields: {sorted(known)}")
+      raise ConfigError(f"unknown model.lora field(s) {unknown}; known fields: {sorted(known)}")
     return cls(**values)
 
 
@@ -123,35 +125,35 @@ class ModelConfig:
     if isinstance(self.remat, bool):
       object.__setattr__(self, "remat", "full" if self.remat else "none")
     if self.remat not in REMAT_POLICIES:
-      raise ValueError(f"model.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+      raise ConfigError(f"model.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
     if isinstance(self.lora, dict):  # from JSON / a ConfigDict section
       object.__setattr__(self, "lora", LoraConfig.from_dict(self.lora))
     if self.lora is not None and not isinstance(self.lora, LoraConfig):
-      raise ValueError(f"model.lora must be None, a LoraConfig or a dict, got {self.lora!r}")
+      raise ConfigError(f"model.lora must be None, a LoraConfig or a dict, got {self.lora!r}")
     if self.family not in FAMILIES:
-      raise ValueError(f"model.family must be one of {FAMILIES}, got {self.family!r}")
+      raise ConfigError(f"model.family must be one of {FAMILIES}, got {self.family!r}")
     if self.attention_impl not in ATTENTION_IMPLEMENTATIONS:
-      raise ValueError(
+      raise ConfigError(
           f"model.attention_impl must be one of {ATTENTION_IMPLEMENTATIONS}, "
           f"got {self.attention_impl!r}")
     for name in ("vocab_size", "num_layers", "num_heads", "width", "max_length"):
       if getattr(self, name) <= 0:
-        raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
+        raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
     if self.width % self.num_heads:
-      raise ValueError(
+      raise ConfigError(
           f"model.width ({self.width}) must be divisible by model.num_heads "
           f"({self.num_heads})")
     if self.kv_heads <= 0 or self.num_heads % self.kv_heads:
-      raise ValueError(
+      raise ConfigError(
           f"model.num_heads ({self.num_heads}) must be divisible by "
           f"model.num_kv_heads ({self.kv_heads})")
     if self.family == "llama" and self.head_dim % 2:
-      raise ValueError(f"rotary positions need an even head_dim, got {self.head_dim}")
+      raise ConfigError(f"rotary positions need an even head_dim, got {self.head_dim}")
     if not 0.0 <= self.dropout < 1.0:
-      raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
+      raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
     if self.matmul_dtype not in MATMUL_DTYPES:
-      raise ValueError(f"model.matmul_dtype must be one of {MATMUL_DTYPES}, "
-                       f"got {self.matmul_dtype!r}")
+      raise ConfigError(f"model.matmul_dtype must be one of {MATMUL_DTYPES}, "
+                        f"got {self.matmul_dtype!r}")
 
   @property
   def head_dim(self) -> int:
@@ -188,7 +190,7 @@ class ModelConfig:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-      raise ValueError(f"unknown model config field(s) {unknown}; known fields: {sorted(known)}")
+      raise ConfigError(f"unknown model config field(s) {unknown}; known fields: {sorted(known)}")
     return cls(**values)
 
   def to_dict(self) -> dict[str, Any]:
@@ -212,5 +214,5 @@ _PRESETS = {
 def preset(name: str, **overrides) -> ModelConfig:
   """A named architecture, optionally with fields overridden."""
   if name not in _PRESETS:
-    raise ValueError(f"unknown model preset {name!r}; known: {sorted(_PRESETS)}")
+    raise ConfigError(f"unknown model preset {name!r}; known: {sorted(_PRESETS)}")
   return ModelConfig.from_dict({**_PRESETS[name], **overrides})

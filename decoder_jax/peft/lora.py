@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 from flax.core import meta
 
+from decoder_jax.errors import ConfigError
 from decoder_jax.model.config import ModelConfig, pattern_selects
 from decoder_jax.model.transformer import Decoder
 
@@ -69,13 +70,13 @@ def check_targets(config: ModelConfig, base_params=None) -> list[str]:
   for pattern in lora.targets:
     if not any(pattern_selects(pattern, m) for m in modules):
       names = sorted(dict.fromkeys(_short(m) for m in modules))
-      raise ValueError(f"model.lora.targets: pattern {pattern!r} matches no Dense module; "
-                       f"available (last two path components): {names}")
+      raise ConfigError(f"model.lora.targets: pattern {pattern!r} matches no Dense module; "
+                        f"available (last two path components): {names}")
   targeted = [m for m in modules if lora.is_target(m)]
   for m in targeted:
     n_in, n_out = flat[m + ("lora_a",)].shape[-2], flat[m + ("lora_b",)].shape[-1]
     if lora.rank > min(n_in, n_out):
-      raise ValueError(
+      raise ConfigError(
           f"model.lora.rank={lora.rank} exceeds min(n_in, n_out) = {min(n_in, n_out)} of "
           f"{'/'.join(m)} (kernel {tuple(flat[m + ('kernel',)].shape)}, {n_in} -> {n_out})")
   if base_params is not None:
@@ -83,11 +84,11 @@ def check_targets(config: ModelConfig, base_params=None) -> list[str]:
     for m in targeted:
       want, got = flat[m + ("kernel",)], base.get(m + ("kernel",))
       if got is None:
-        raise ValueError(f"base params have no kernel at {'/'.join(m)}; is the tree from "
-                         f"another config (e.g. scan_layers={not config.scan_layers})?")
+        raise ConfigError(f"base params have no kernel at {'/'.join(m)}; is the tree from "
+                          f"another config (e.g. scan_layers={not config.scan_layers})?")
       if tuple(got.shape) != tuple(want.shape):
-        raise ValueError(f"base kernel {'/'.join(m)} has shape {tuple(got.shape)}, the "
-                         f"config implies {tuple(want.shape)}")
+        raise ConfigError(f"base kernel {'/'.join(m)} has shape {tuple(got.shape)}, the "
+                          f"config implies {tuple(want.shape)}")
   return ["/".join(m) for m in targeted]
 
 

@@ -3,10 +3,10 @@
 Overrides: --config.train.num_steps=100, --config.model.dropout=0.1, ...
 """
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from decoder_jax import compile_cache, xla_flags
+from decoder_jax import cli, compile_cache, xla_flags
 from decoder_jax.train.loop import train_and_evaluate
 from decoder_jax.train.metrics import quiet_library_logs
 
@@ -17,8 +17,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv
   quiet_library_logs()
   xla_flags.apply_launch_flags()  # before JAX starts a backend (it reads XLA_FLAGS once)
   compile_cache.enable(_CONFIG.value.get("compilation_cache_dir"))
@@ -28,7 +27,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  cli.run(main)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from decoder_jax.errors import ConfigError
+
 
 def _state_handler() -> ocp.PyTreeCheckpointHandler:
   """The train state's handler: orbax's PyTree one, whose arrays are copied out whole on
@@ -38,6 +40,26 @@ def _state_handler() -> ocp.PyTreeCheckpointHandler:
       (jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False)),
       (str, ocp.type_handlers.StringHandler()))
   return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+
+
+def check_workdir(workdir: str) -> None:
+  """Refuses a workdir that cannot be one (a file, or inside a file) before any work."""
+  path = os.path.abspath(os.path.expanduser(workdir))
+  while not os.path.exists(path):
+    path = os.path.dirname(path)
+  if not os.path.isdir(path):
+    raise ConfigError(f"workdir {workdir} is not a directory ({path} is a file); choose "
+                      "another --workdir")
+
+
+def latest_step(workdir: str) -> int | None:
+  """The newest complete checkpoint's step in `workdir`, None if it holds none. Reads
+  only: a missing workdir is not created."""
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  if not os.path.isdir(directory):
+    return None
+  steps = ocp.path.step.checkpoint_steps(directory)  # finalized ones: no partial write
+  return max(steps) if steps else None
 
 
 def make_manager(workdir: str, every_steps: int, keep: int, async_writes: bool = True):
@@ -129,11 +151,11 @@ def restore(manager, abstract_state, step: int | None = None):
   metadata = manager.item_metadata(step)["state"]
   problems = _shape_mismatches(getattr(metadata, "tree", metadata), abstract_state)
   if problems:
-    listed = "\n  ".join(problems[:20])
-    raise ValueError(
+    more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
+    raise ConfigError(
         f"the checkpoint at {manager.directory}/{step} was written by a model or optimizer of "
-        f"a different shape than the current config builds:\n  {listed}\n"
-        "Use a fresh --workdir or the config that wrote this checkpoint.")
+        f"a different shape than the current config builds ({'; '.join(problems[:3])}{more}); "
+        "use a fresh --workdir or the config that wrote this checkpoint")
   restored = manager.restore(step, args=ocp.args.Composite(
       state=_pytree_restore(abstract_state), data=ocp.args.JsonRestore()))
   return restored["state"], restored["data"]

@@ -5,6 +5,7 @@ from ml_collections import config_dict
 
 from decoder_jax import compile_cache
 from decoder_jax.data.pipeline import default_data_config
+from decoder_jax.errors import ConfigError
 from decoder_jax.model.config import ModelConfig
 
 
@@ -89,8 +90,8 @@ def parse_finetune_arg(arg: str | None) -> tuple[str, bool]:
   unknown = [p for p in parts if p not in FINETUNE_ARGS]
   methods = [p for p in parts if p in ("full", "lora")]
   if unknown or len(methods) != 1 or len(parts) != len(set(parts)):
-    raise ValueError(f"config arg {arg!r}: give full or lora, optionally with cpu "
-                     "(e.g. ':lora' or ':full,cpu')")
+    raise ConfigError(f"config arg {arg!r}: give full or lora, optionally with cpu "
+                      "(e.g. ':lora' or ':full,cpu')")
   return methods[0], "cpu" in parts
 
 

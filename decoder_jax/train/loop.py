@@ -17,6 +17,7 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from decoder_jax.data import tokenizers
+from decoder_jax.errors import ConfigError, RunFailed
 from decoder_jax.peft import combine
 from decoder_jax.train import state as state_lib
 from decoder_jax.train import checkpoint, compile_ahead, optimizer, setup, sharding, steps
@@ -28,21 +29,21 @@ def check_batch_layout(train_config, mesh) -> None:
   dp = sharding.data_parallel_size(mesh)
   batch, accum = train_config.batch_size, train_config.grad_accum_steps
   if accum < 1 or batch % accum:
-    raise ValueError(f"train.batch_size ({batch}) must be divisible by train.grad_accum_steps "
-                     f"({accum})")
+    raise ConfigError(f"train.batch_size ({batch}) must be divisible by train.grad_accum_steps "
+                      f"({accum})")
   if (batch // accum) % dp:
-    raise ValueError(
+    raise ConfigError(
         f"the micro-batch (train.batch_size / grad_accum_steps = {batch // accum}) must be "
         f"divisible by the data-parallel size data*fsdp = {dp} of mesh {dict(mesh.shape)}")
   if train_config.get("flat_grad_allreduce"):
     steps.check_data_parallel(mesh)
   per_call = train_config.get("steps_per_call") or 1
   if per_call < 1:
-    raise ValueError(f"train.steps_per_call must be at least 1, got {per_call}")
+    raise ConfigError(f"train.steps_per_call must be at least 1, got {per_call}")
   for name in ("log_every", "eval_every", "checkpoint_every"):
     if train_config[name] % per_call:
-      raise ValueError(f"train.steps_per_call ({per_call}) must divide train.{name} "
-                       f"({train_config[name]}): the host acts only between calls")
+      raise ConfigError(f"train.steps_per_call ({per_call}) must divide train.{name} "
+                        f"({train_config[name]}): the host acts only between calls")
 
 
 def call_sizes(first_step: int, end_step: int, per_call: int):
@@ -256,8 +257,8 @@ class TaskEvaluator:
     self.keep_best = config.get("eval") is not None and self.eval_config.keep_best
     self.metric = self.eval_config.metric
     if self.metric not in task_eval.HIGHER_IS_BETTER:
-      raise ValueError(f"eval.metric must be one of {sorted(task_eval.HIGHER_IS_BETTER)}, "
-                       f"got {self.metric!r}")
+      raise ConfigError(f"eval.metric must be one of {sorted(task_eval.HIGHER_IS_BETTER)}, "
+                        f"got {self.metric!r}")
     self.run, self.workdir, self.is_writer = run, workdir, is_writer
     self.best_dir = os.path.join(os.path.abspath(workdir), "best")
     self.best = self._read_best()
@@ -280,8 +281,8 @@ class TaskEvaluator:
     if "loss" not in found:
       found["loss"] = eval_loss_fn()
     if self.metric not in found:
-      raise ValueError(f"eval.metric={self.metric!r} is not measured for this run; it "
-                       f"measures {sorted(found)}")
+      raise ConfigError(f"eval.metric={self.metric!r} is not measured for this run; it "
+                        f"measures {sorted(found)}")
     if self.keep_best:
       self._keep_if_best(step, params, found[self.metric])
     return {f"eval/{k}": v for k, v in found.items()}
@@ -309,19 +310,23 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
   metrics (including the final "eval/loss").
   """
   train_cfg = config.train
+  checkpoint.check_workdir(workdir)
   split_host_cpu(config.mesh.get("num_cpu_devices"))
   mesh = sharding.make_mesh(config.mesh, devices)
   check_batch_layout(train_cfg, mesh)
   if config.data.eval_batch_size % sharding.data_parallel_size(mesh):
-    raise ValueError(f"data.eval_batch_size ({config.data.eval_batch_size}) must be divisible "
-                     f"by the data-parallel size {sharding.data_parallel_size(mesh)}")
+    raise ConfigError(f"data.eval_batch_size ({config.data.eval_batch_size}) must be divisible "
+                      f"by the data-parallel size {sharding.data_parallel_size(mesh)}")
   is_writer = jax.process_index() == 0
 
+  resuming = checkpoint.latest_step(workdir) is not None
+  lora = config.model.get("lora") is not None
+  # The model, data and task are checked before anything is written: a bad config or
+  # corpus leaves a new workdir uncreated.
+  run = setup.build_run(config, workdir, mesh, need_base=lora, resuming=resuming)
+  task_evaluator = TaskEvaluator(config, workdir, run, is_writer)
   manager = checkpoint.make_manager(workdir, train_cfg.checkpoint_every, train_cfg.keep_checkpoints,
                                     train_cfg.async_checkpoints)
-  resuming = manager.latest_step() is not None
-  lora = config.model.get("lora") is not None
-  run = setup.build_run(config, workdir, mesh, need_base=lora, resuming=resuming)
   model_config, model, datasets = run.model_config, run.model, run.datasets
   tx = optimizer.make_optimizer(train_cfg)
   init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
@@ -408,8 +413,6 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
                model_config.family, num_total / 1e6, num_trainable / 1e6,
                100 * num_trainable / num_total, dict(mesh.shape))
 
-  task_evaluator = TaskEvaluator(config, workdir, run, is_writer)
-
   step = int(state.step)
   writer = MetricWriter(workdir, enabled=is_writer, resume_step=step)
   progress = Progress(num_steps, train_cfg.batch_size * run.seq_len, step)
@@ -446,9 +449,9 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
       while step < end_step and stop.signal_name is None:
         size, batch = next(batches, (0, None))
         if size not in step_programs:  # the train iterator is endless unless replaced
-          raise RuntimeError(f"the training data ended at step {step + size}, before "
-                             f"train.num_steps={num_steps}; the steps up to the last "
-                             f"checkpoint are in {manager.directory}")
+          raise RunFailed(f"the training data ended at step {step + size}, before "
+                          f"train.num_steps={num_steps}; the steps up to the last "
+                          f"checkpoint are in {manager.directory}")
         state, metrics = step_programs[size](state, frozen, batch, dropout_rng)
         in_flight.add(metrics["loss"])
         step += size

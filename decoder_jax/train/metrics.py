@@ -107,6 +107,8 @@ class _DropLibraryInfo(logging_std.Filter):
   """Keeps warnings from libraries but drops their INFO chatter (orbax logs every file)."""
 
   def filter(self, record):
+    if record.getMessage().startswith("Using custom data configuration"):
+      return False  # tfds, for every local corpus: our builders always have one
     return record.levelno >= logging_std.WARNING or "decoder_jax" in record.pathname
 
 

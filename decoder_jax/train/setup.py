@@ -26,6 +26,7 @@ from flax import traverse_util
 
 from decoder_jax import peft
 from decoder_jax.data import pipeline, tasks, tokenizers
+from decoder_jax.errors import ConfigError
 from decoder_jax.model import Decoder, ModelConfig
 from decoder_jax.train import init_from, sharding, state as state_lib
 
@@ -43,8 +44,8 @@ def resolve_model_config(model_section, tokenizer) -> ModelConfig:
   if values.get("vocab_size") is None:
     values["vocab_size"] = tokenizer.vocab_size
   elif values["vocab_size"] < tokenizer.vocab_size:
-    raise ValueError(f"model.vocab_size={values['vocab_size']} is smaller than the tokenizer's "
-                     f"vocabulary ({tokenizer.vocab_size}); leave it None to use the tokenizer's")
+    raise ConfigError(f"model.vocab_size={values['vocab_size']} is smaller than the tokenizer's "
+                      f"vocabulary ({tokenizer.vocab_size}); leave it None to use the tokenizer's")
   return ModelConfig.from_dict(values)
 
 
@@ -100,13 +101,13 @@ def build_run(config, workdir: str | None, mesh, *, need_base: bool, resuming: b
     tokenizer = tokenizers.load_tokenizer(workdir)
   task_config = config.get("task")
   if task_config is not None and tokenizer is None:
-    raise ValueError("a task config (config.task) fine-tunes a pretrained model: set "
-                     "config.init_from to its checkpoint (gguf:FILE, hf:DIR, a converted DIR)")
+    raise ConfigError("a task config (config.task) fine-tunes a pretrained model: set "
+                      "config.init_from to its checkpoint (gguf:FILE, hf:DIR, a converted DIR)")
   train_cfg = config.train
   if not with_data:
     if tokenizer is None:
-      raise ValueError("without data, the tokenizer must come from config.init_from or the "
-                       "workdir")
+      raise ConfigError("without data, the tokenizer must come from config.init_from or the "
+                        "workdir")
     datasets = None
     seq_len = (task_config.max_length if task_config is not None
                else config.data.get("seq_len") or model_config.max_length)
@@ -126,11 +127,11 @@ def build_run(config, workdir: str | None, mesh, *, need_base: bool, resuming: b
     model_config = resolve_model_config(config.model, datasets.tokenizer)
     tokenizer = datasets.tokenizer
   if seq_len > model_config.max_length and not model_config.use_rope:
-    raise ValueError(f"sequence length {seq_len} exceeds the model's max_length "
-                     f"({model_config.max_length})")
+    raise ConfigError(f"sequence length {seq_len} exceeds the model's max_length "
+                      f"({model_config.max_length})")
   if model_config.lora is not None:
     if not source:
-      raise ValueError("model.lora adapts pretrained weights: set config.init_from")
+      raise ConfigError("model.lora adapts pretrained weights: set config.init_from")
     peft.check_targets(model_config)
   model = Decoder(model_config, num_labels=num_labels_of(config))
   boxed = jax.eval_shape(lambda: model.init(jax.random.key(0),
@@ -186,8 +187,8 @@ def initial_params(run: Run, mesh, rng):
   missing = [path for path in wanted if path not in have]
   extra = [path for path in have if path not in wanted]
   if extra:
-    raise ValueError(f"the source's params have leaves this model lacks: "
-                     f"{['/'.join(p) for p in extra[:5]]}")
+    raise ConfigError(f"the source's params have leaves this model lacks: "
+                      f"{['/'.join(p) for p in extra[:5]]}")
 
   # Under jit, XLA computes only the missing leaves of the full init (no second base copy).
   @jax.jit

@@ -15,6 +15,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from decoder_jax.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # a batch's rows are split over these (LOGICAL_AXIS_RULES' batch)
 
@@ -36,18 +38,18 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
   sizes = [int(mesh_config[a]) for a in MESH_AXES]
   free = [i for i, s in enumerate(sizes) if s == -1]
   if len(free) > 1 or any(s == 0 or s < -1 for s in sizes):
-    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: each axis must be a positive size, "
-                     "and at most one may be -1 (fill the remaining devices)")
+    raise ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))}: each axis must be a positive size, "
+                      "and at most one may be -1 (fill the remaining devices)")
   known = math.prod(s for s in sizes if s != -1)
   if free:
     if num_devices % known:
-      raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} does not fit {num_devices} devices: "
-                       f"{num_devices} is not divisible by {known}")
+      raise ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))} does not fit {num_devices} devices: "
+                        f"{num_devices} is not divisible by {known}")
     sizes[free[0]] = num_devices // known
   if math.prod(sizes) != num_devices:
-    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} has {math.prod(sizes)} devices but "
-                     f"{num_devices} are available; sizes must multiply to the device count "
-                     "(or use -1 on one axis)")
+    raise ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))} has {math.prod(sizes)} devices but "
+                      f"{num_devices} are available; sizes must multiply to the device count "
+                      "(or use -1 on one axis)")
   return tuple(sizes)
 
 

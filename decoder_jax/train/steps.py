@@ -21,6 +21,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 from jax.sharding import PartitionSpec as P
 
+from decoder_jax.errors import ConfigError
 from decoder_jax.peft import combine
 from decoder_jax.train.sharding import BATCH_AXES
 
@@ -48,8 +49,8 @@ def output_matrix(config, params):
   """The LM head as [embed, vocab]: the tied embedding table's transpose or lm_head."""
   lora = config.lora
   if not config.tie_embeddings and lora is not None and lora.is_target(("lm_head",)):
-    raise ValueError("train.loss_chunk_size does not support LoRA on lm_head; merge or "
-                     "untarget it")
+    raise ConfigError("train.loss_chunk_size does not support LoRA on lm_head; merge or "
+                      "untarget it")
   if config.tie_embeddings:
     return params["embed"]["embedding"].T
   return params["lm_head"]["kernel"]
@@ -182,9 +183,9 @@ def check_data_parallel(mesh) -> None:
   """Raises unless `mesh` is purely data-parallel (fsdp and tensor axes of size 1)."""
   sharded = {a: mesh.shape[a] for a in ("fsdp", "tensor") if mesh.shape.get(a, 1) > 1}
   if sharded:
-    raise ValueError(f"train.flat_grad_allreduce needs a data-parallel mesh (parameters "
-                     f"whole on every device), but mesh {dict(mesh.shape)} shards them over "
-                     f"{sorted(sharded)}: set train.flat_grad_allreduce=False")
+    raise ConfigError(f"train.flat_grad_allreduce needs a data-parallel mesh (parameters "
+                      f"whole on every device), but mesh {dict(mesh.shape)} shards them over "
+                      f"{sorted(sharded)}: set train.flat_grad_allreduce=False")
 
 
 def summed_over_devices(sums_and_grads, mesh):
