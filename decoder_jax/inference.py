@@ -59,10 +59,17 @@ def load_trained(workdir: str) -> TrainedModel:
   abstract, _ = state_lib.abstract_state(Decoder(model_config),
                                          optimizer.make_optimizer(train_config),
                                          model_config.max_length, mesh)
-  state, _ = checkpoint.restore(manager, abstract)
-  manager.close()
+  state, _ = _restore_shown(manager, abstract, workdir)
   return TrainedModel(model_config, state.params, tokenizers.load_tokenizer(workdir),
                       int(state.step))
+
+
+def _restore_shown(manager, abstract, workdir: str):
+  """checkpoint.restore of the latest step, with progress shown."""
+  with progress.all_at_once(f"restoring {workdir}", len(jax.tree.leaves(abstract)), "arrays"):
+    restored = checkpoint.restore(manager, abstract)
+  manager.close()
+  return restored
 
 
 def _read_workdir_json(workdir: str, name: str) -> dict:
@@ -91,8 +98,7 @@ def _load_from_pretrained_run(workdir: str, config) -> TrainedModel:
   tx = optimizer.make_optimizer(config.train)
   abstract, _, _, frozen_shardings = setup.abstract_state(run, tx, mesh, config)
   manager = checkpoint.make_manager(workdir, 1, 1, async_writes=False)
-  state, _ = checkpoint.restore(manager, abstract)
-  manager.close()
+  state, _ = _restore_shown(manager, abstract, workdir)
   frozen = {}
   if lora:
     _, frozen = setup.split_params(run, setup.initial_params(run, mesh, jax.random.key(0)),

@@ -62,12 +62,9 @@ def _load_converted(directory: str, mesh, dtype):
   shardings = sharding_lib.shardings_for(boxed, mesh or hf.default_mesh())
   abstract = jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
                           nn.unbox(boxed), shardings)
-  arrays = len(jax.tree.leaves(abstract))
-  # One orbax call reads every array: the count moves at its end, the bar shows the time.
-  with (progress.Progress(f"restoring {directory}", arrays, unit="arrays") as shown,
+  with (progress.all_at_once(f"restoring {directory}", len(jax.tree.leaves(abstract)), "arrays"),
         ocp.StandardCheckpointer() as checkpointer):
     params = checkpointer.restore(os.path.abspath(os.path.join(directory, PARAMS_DIR)), abstract)
-    shown.update(arrays)
   trained = inference.with_dtype(
       inference.TrainedModel(config, params, tokenizers.load_tokenizer(directory)), dtype)
   return trained.config, trained.params, trained.tokenizer

@@ -10,6 +10,7 @@ DECODER_JAX_PROGRESS=bar or =line chooses one whatever stderr is; =off prints no
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -64,6 +65,15 @@ class Progress:
 
   def __exit__(self, exc_type, exc, tb) -> None:
     self.close(summary=exc_type is None)
+
+
+@contextlib.contextmanager
+def all_at_once(what: str, count: int, unit: str = "it"):
+  """Work done by one call that reports nothing (an orbax restore): the bar shows the
+  time, and the count moves to `count` when the block ends."""
+  with Progress(what, count, unit) as shown:
+    yield
+    shown.update(count)
 
 
 def track(items: Iterable[T], what: str, total: int | None = None, unit: str = "it",

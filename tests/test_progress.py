@@ -32,6 +32,12 @@ def test_summary_line_when_not_a_terminal(capsys, line_mode):
   assert err.count("\n") == 1
 
 
+def test_one_call_counts_its_work_at_the_end(capsys, line_mode):
+  with progress.all_at_once("restoring a checkpoint", 7, "arrays"):
+    assert capsys.readouterr().err == ""  # nothing while it runs
+  assert capsys.readouterr().err.startswith("restoring a checkpoint: 7 arrays in ")
+
+
 def test_no_summary_when_the_work_fails(capsys, line_mode):
   with pytest.raises(RuntimeError):
     with progress.Progress("failing", 5) as shown:
