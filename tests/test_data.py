@@ -417,3 +417,23 @@ def test_catalog_corpus_offline_error_says_what_to_set(tmp_path, monkeypatch):
   with pytest.raises(text_corpus.CorpusUnavailableError,
                      match="tiny_shakespeare' failed.*data.local_dir.*DECODER_JAX_DATA"):
     _make(config)
+
+
+def test_missing_test_data_skips_on_a_users_machine_and_fails_on_ci(monkeypatch, tmp_path):
+  """The conftest's rule: without ../shared/data and DECODER_JAX_DATA a test whose data is
+  absent is skipped (reason in the summary); with either, the same absence fails it."""
+  import conftest
+
+  monkeypatch.delenv("DECODER_JAX_DATA", raising=False)
+  monkeypatch.setattr(conftest, "SHARED_DATA", tmp_path / "no_shared" / "data")
+  with pytest.raises(pytest.skip.Exception, match="missing test data: multi30k not under"):
+    conftest.require_data("multi30k")
+  (tmp_path / "shared" / "data" / "sst2").mkdir(parents=True)
+  monkeypatch.setattr(conftest, "SHARED_DATA", tmp_path / "shared" / "data")  # as in CI
+  assert conftest.require_data("sst2") == tmp_path / "shared" / "data"
+  with pytest.raises(pytest.fail.Exception, match="missing test data: multi30k"):
+    conftest.require_data("multi30k", "sst2")
+  monkeypatch.setattr(conftest, "SHARED_DATA", tmp_path / "no_shared" / "data")
+  monkeypatch.setenv("DECODER_JAX_DATA", str(tmp_path / "elsewhere"))
+  with pytest.raises(pytest.fail.Exception, match="elsewhere"):
+    conftest.require_data("sst2")
