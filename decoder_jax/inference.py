@@ -80,8 +80,8 @@ def _read_workdir_json(workdir: str, name: str) -> dict:
   try:
     with open(path, encoding="utf-8") as f:
       values = json.load(f)
-  except (UnicodeDecodeError, json.JSONDecodeError) as e:
-    values = e
+  except (UnicodeDecodeError, json.JSONDecodeError):
+    values = None  # not JSON: refused below, like JSON that is not an object
   if not isinstance(values, dict):
     raise ConfigError(f"{path} is not the JSON object decoder_jax writes; is {workdir} a "
                       "decoder_jax training workdir?")
@@ -306,35 +306,17 @@ def generate_batch(trained: TrainedModel, prompts: list[str], *, max_new_tokens:
 
   With `chat`, each prompt is sent as a user message through the tokenizer's chat template
   and the reply is generated. Every end-of-sequence id of the tokenizer stops a sample.
-  Each call holds `batch_size` prompts (the last one padded with copies), so a long list
-  compiles one program per prompt bucket; the first call samples with key(seed), call i
-  with fold_in(key(seed), i).
+  Calls as in `generate_ids`.
   """
-  tokenizer, config = trained.tokenizer, trained.config
-  if batch_size < 1:
-    raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+  tokenizer = trained.tokenizer
   encode = encode_chat if chat else encode_prompt
-  token_lists = [encode(tokenizer, p) for p in prompts]
   stop_ids = stop_token_ids(tokenizer, stop) + end_ids(tokenizer)[1:]
   eos_id = getattr(tokenizer, "eos_id", None)
-  for tokens in token_lists:
-    check_request(config, len(tokens), max_new_tokens, min_new_tokens, num_beams, num_samples)
-  sampler = decoding.Greedy() if sampler is None else sampler
-  batch_size = min(batch_size, len(token_lists))
-  how = f"beam search ({num_beams} beams)" if num_beams > 1 else "decoding"
-  per_prompt = []
-  with progress.Progress(how, len(token_lists), unit="prompts") as shown:
-    for call, first in enumerate(range(0, len(token_lists), batch_size)):
-      chunk = token_lists[first:first + batch_size]
-      padded = chunk + [chunk[-1]] * (batch_size - len(chunk))  # one shape for every call
-      rng = jax.random.key(seed)
-      rng = rng if call == 0 else jax.random.fold_in(rng, call)
-      per_prompt += _generate_call(trained, padded, rng, max_new_tokens=max_new_tokens,
-                                   sampler=sampler, num_samples=num_samples,
-                                   num_beams=num_beams, min_new_tokens=min_new_tokens,
-                                   stop_ids=stop_ids, eos_id=eos_id,
-                                   length_penalty=length_penalty)[:len(chunk)]
-      shown.update(len(chunk))
+  per_prompt = generate_ids(
+      trained, [encode(tokenizer, p) for p in prompts], max_new_tokens=max_new_tokens,
+      sampler=decoding.Greedy() if sampler is None else sampler, seed=seed,
+      num_samples=num_samples, num_beams=num_beams, min_new_tokens=min_new_tokens,
+      stop_ids=stop_ids, eos_id=eos_id, length_penalty=length_penalty, batch_size=batch_size)
   outputs = []
   for prompt, candidates in zip(prompts, per_prompt):
     samples = []
@@ -345,6 +327,40 @@ def generate_batch(trained: TrainedModel, prompts: list[str], *, max_new_tokens:
                       "logprob": float(logprob)})
     outputs.append({"prompt": prompt, "samples": samples})
   return outputs
+
+
+def generate_ids(trained: TrainedModel, token_lists, *, max_new_tokens: int, sampler,
+                 seed: int = 0, num_samples: int = 1, num_beams: int = 1,
+                 min_new_tokens: int = 0, stop_ids=(), eos_id=None, length_penalty: float = 1.0,
+                 batch_size: int = 64) -> list[list[tuple]]:
+  """Per prompt (token ids), [(tokens, length, logprob or beam score)] for each sample or
+  beam (best first), with progress shown.
+
+  Each call holds `batch_size` prompts (the last one padded with copies), so a long list
+  compiles one program per prompt bucket; the first call samples with key(seed), call i
+  with fold_in(key(seed), i). Every row decodes as it would alone.
+  """
+  if batch_size < 1:
+    raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+  for tokens in token_lists:
+    check_request(trained.config, len(tokens), max_new_tokens, min_new_tokens, num_beams,
+                  num_samples)
+  batch_size = min(batch_size, len(token_lists))
+  how = f"beam search ({num_beams} beams)" if num_beams > 1 else "decoding"
+  per_prompt = []
+  with progress.Progress(how, len(token_lists), unit="prompts") as shown:
+    for call, first in enumerate(range(0, len(token_lists), batch_size)):
+      chunk = list(token_lists[first:first + batch_size])
+      padded = chunk + [chunk[-1]] * (batch_size - len(chunk))  # one shape for every call
+      rng = jax.random.key(seed)
+      rng = rng if call == 0 else jax.random.fold_in(rng, call)
+      per_prompt += _generate_call(trained, padded, rng, max_new_tokens=max_new_tokens,
+                                   sampler=sampler, num_samples=num_samples,
+                                   num_beams=num_beams, min_new_tokens=min_new_tokens,
+                                   stop_ids=list(stop_ids), eos_id=eos_id,
+                                   length_penalty=length_penalty)[:len(chunk)]
+      shown.update(len(chunk))
+  return per_prompt
 
 
 def _generate_call(trained: TrainedModel, token_lists, rng, *, max_new_tokens, sampler,

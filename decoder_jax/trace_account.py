@@ -211,19 +211,18 @@ def format_table(acc: Account, steps: int = 0, top: int = 12) -> str:
   return "\n".join(lines)
 
 
-_STEPS = flags.DEFINE_integer("steps", 0, "steps in the trace: ms per step")
-_TOP = flags.DEFINE_integer("top", 12, "ops listed")
-
-
 def main(argv):
   if len(argv) != 2:
     raise ConfigError("give one trace: an .xplane.pb file or a directory holding one "
                       "(python -m decoder_jax.trace_account WORKDIR/profile --steps N)")
-  if _STEPS.value < 0 or _TOP.value < 1:
-    raise ConfigError(f"--steps must be >= 0 and --top >= 1, got {_STEPS.value} and "
-                      f"{_TOP.value}")
-  print(format_table(account(argv[1]), _STEPS.value, _TOP.value))
+  steps, top = flags.FLAGS.steps, flags.FLAGS.top
+  if steps < 0 or top < 1:
+    raise ConfigError(f"--steps must be >= 0 and --top >= 1, got {steps} and {top}")
+  print(format_table(account(argv[1]), steps, top))
 
 
 if __name__ == "__main__":
+  # Defined here, not at import: benchmarks and tests import this module as a library.
+  flags.DEFINE_integer("steps", 0, "steps in the trace: ms per step")
+  flags.DEFINE_integer("top", 12, "ops listed")
   cli.run(main, positional=1)

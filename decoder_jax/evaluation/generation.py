@@ -8,10 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import jax
-import numpy as np
-
-from decoder_jax import decoding, inference, progress
+from decoder_jax import decoding, inference
 
 
 def generate_texts(trained: inference.TrainedModel, prompt_ids: Sequence[Sequence[int]], *,
@@ -21,39 +18,19 @@ def generate_texts(trained: inference.TrainedModel, prompt_ids: Sequence[Sequenc
   the first end-of-sequence token of the tokenizer, which is not included."""
   if not prompt_ids:
     return []
-  tokenizer, config = trained.tokenizer, trained.config
+  tokenizer = trained.tokenizer
   ends = inference.end_ids(tokenizer)
-  eos_id = ends[0] if ends else None
-  stop = np.asarray([ends[1:] or [-1]], np.int32)  # [1, n]; -1 never matches a token
-  for ids in prompt_ids:
-    inference.check_request(config, len(ids), max_new_tokens, num_beams=num_beams)
+  per_prompt = inference.generate_ids(
+      trained, prompt_ids, max_new_tokens=max_new_tokens, sampler=decoding.Greedy(),
+      num_beams=num_beams, stop_ids=ends[1:], eos_id=ends[0] if ends else None,
+      length_penalty=length_penalty, batch_size=batch_size)
   texts: list[str] = []
-  how = f"beam search ({num_beams} beams)" if num_beams > 1 else "greedy decoding"
-  shown = progress.Progress(how, len(prompt_ids), unit="prompts")
-  for first in range(0, len(prompt_ids), batch_size):
-    chunk = list(prompt_ids[first:first + batch_size])
-    rows = len(chunk)
-    chunk += [chunk[-1]] * (batch_size - rows)  # the same shape for every chunk
-    prompts, lengths = inference.pad_prompts(chunk, max_width=config.max_length - max_new_tokens)
-    if num_beams > 1:
-      result = inference.beam_search_tokens(
-          trained.params, prompts, lengths, model_config=config, num_beams=num_beams,
-          max_new_tokens=max_new_tokens, length_penalty=length_penalty, eos_id=eos_id)
-      tokens = np.asarray(result.tokens)[:, 0]  # best beam: [batch, max_new_tokens]
-      out_lengths = np.asarray(result.lengths)[:, 0]
-    else:
-      result = inference.generate_tokens(
-          trained.params, prompts, lengths, jax.random.key(0), np.repeat(stop, batch_size, 0),
-          model_config=config, max_new_tokens=max_new_tokens, sampler=decoding.Greedy(),
-          eos_id=eos_id)
-      tokens, out_lengths = np.asarray(result.tokens), np.asarray(result.lengths)
-    for row in range(rows):
-      ids = tokens[row, :out_lengths[row]].tolist()
-      if ids and ids[-1] in ends:
-        ids = ids[:-1]
-      texts.append(tokenizer.decode(ids, **_skip_special(tokenizer)).strip())
-    shown.update(rows)
-  shown.close()
+  for candidates in per_prompt:
+    tokens, length, _ = candidates[0]  # the one greedy sample, or the best beam
+    ids = tokens[:length].tolist()
+    if ids and ids[-1] in ends:
+      ids = ids[:-1]
+    texts.append(tokenizer.decode(ids, **_skip_special(tokenizer)).strip())
   return texts
 
 
