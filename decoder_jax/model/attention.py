@@ -59,13 +59,18 @@ def resolve_implementation(name: str, dtype="bfloat16", head_dim: int = 64,
   return name
 
 
-def einsum_attention(q, k, v, mask, bf16_operands: bool = False, kv_layout: str = "bskd"):
+def einsum_attention(q, k, v, mask, bf16_operands: bool = False, kv_layout: str = "bskd",
+                     prefix=None):
   """Attention written out as two einsums: q [batch, length, heads, head_dim]; k, v
   [batch, keys, kv_heads, head_dim] (kv_layout "bskd") or [batch, kv_heads, keys, head_dim]
   ("bksd", the cache's layout); mask bool, broadcastable to [batch, length, keys] (True:
   may attend) -> [batch, length, heads, head_dim]. Scores and softmax in float32.
   Grouped-query heads are a reshape of q (no copies of k and v). attention_impl="einsum".
   `bf16_operands`: both einsums on bfloat16-rounded operands (layers.mixed_einsum).
+
+  `prefix` ({"k", "v"}: [kv_heads, n, head_dim], the same for every row: a soft prompt's
+  or prefix tuning's keys and values) adds n keys every query sees. Its scores join the
+  softmax beside the others', so neither the keys nor a cache is copied to make room.
   """
   if kv_layout not in ("bskd", "bksd"):
     raise ValueError(f"kv_layout must be 'bskd' or 'bksd', got {kv_layout!r}")
@@ -77,7 +82,14 @@ def einsum_attention(q, k, v, mask, bf16_operands: bool = False, kv_layout: str 
   scores = einsum(f"btkgd,{kv_layout}->bkgts", q, k)  # float32 [b, kv, g, t, s]
   scores = scores * head_dim**-0.5
   scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  if prefix is not None:
+    prefix_k, prefix_v = prefix["k"].astype(q.dtype), prefix["v"].astype(v.dtype)
+    prefix_scores = einsum("btkgd,ksd->bkgts", q, prefix_k) * head_dim**-0.5  # [b,kv,g,t,n]
+    scores = jnp.concatenate([prefix_scores, scores], axis=-1)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  if prefix is not None:
+    n = prefix_k.shape[1]
+    prefix_probs, probs = probs[..., :n], probs[..., n:]
   if kv_layout == "bskd":
     out = einsum("bkgts,bskd->btkgd", probs, v)  # [b, t, kv, group, d]
   else:
@@ -85,19 +97,23 @@ def einsum_attention(q, k, v, mask, bf16_operands: bool = False, kv_layout: str 
     # backend fails at run time on "bkgts,bksd->btkgd" for some shapes (Unsupported
     # element type for DotThunk, 9 of 64 small shapes tried) and on none this way.
     out = einsum("bkgts,bksd->bkgtd", probs, v).transpose(0, 3, 1, 2, 4)
+  if prefix is not None:
+    out = out + einsum("bkgts,ksd->bkgtd", prefix_probs, prefix_v).transpose(0, 3, 1, 2, 4)
   return out.astype(q.dtype).reshape(batch, length, heads, head_dim)
 
 
-def attend(q, k, v, implementation, bf16_operands: bool = False):
+def attend(q, k, v, implementation, bf16_operands: bool = False, prefix=None):
   """Causal self-attention: q [batch, length, heads, head_dim], k and v [batch, length,
-  kv_heads, head_dim], by implementation. `bf16_operands` applies to "einsum" only."""
-  if implementation == "einsum":
+  kv_heads, head_dim], by implementation. `bf16_operands` applies to "einsum" only. With
+  a `prefix` (see einsum_attention) the attention is written out whatever the
+  implementation."""
+  if implementation == "einsum" or prefix is not None:
     mask = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))[None]  # [1, length, keys]
-    return einsum_attention(q, k, v, mask, bf16_operands)
+    return einsum_attention(q, k, v, mask, bf16_operands, prefix=prefix)
   return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
 
 
-def attend_cache(q, k, v, mask, bf16_operands: bool = False):
+def attend_cache(q, k, v, mask, bf16_operands: bool = False, prefix=None):
   """Masked attention over a cache, for every attention_impl: q [batch, length, heads,
   head_dim]; k, v in the cache layout [batch, kv_heads, slots, head_dim]; mask [batch,
   length, slots]. cuDNN's fused kernel takes causal/padding masks only, so the cache path
@@ -107,8 +123,8 @@ def attend_cache(q, k, v, mask, bf16_operands: bool = False):
   of a dot: XLA's CPU dot over [batch * kv_heads] tiny matrices ran at ~2 GB/s of cache
   read, 4x slower than the fused multiply-sum (SmolLM2-135M, batch 64, 288 slots).
   """
-  if q.shape[1] != 1:
-    return einsum_attention(q, k, v, mask, bf16_operands, kv_layout="bksd")
+  if q.shape[1] != 1 or prefix is not None:
+    return einsum_attention(q, k, v, mask, bf16_operands, kv_layout="bksd", prefix=prefix)
   batch, _, heads, head_dim = q.shape
   kv_heads, out_dtype = k.shape[1], q.dtype
   q = q.reshape(batch, 1, kv_heads, heads // kv_heads, head_dim)  # [b, 1, kv, group, d]
@@ -134,11 +150,15 @@ class SelfAttention(nn.Module):
   empty_cache: bool = False
 
   @nn.compact
-  def __call__(self, x, positions, cache=None):
+  def __call__(self, x, positions, cache=None, slots=None, prefix=None):
     """x: [batch, length, embed]; positions: int32 [batch, length].
 
-    Returns (out [batch, length, embed], updated cache or None).
+    `slots` (int32 [batch, length], default `positions`): the cache slots of the tokens,
+    which a soft prompt or prefix (`prefix`, see einsum_attention) puts `n` behind their
+    positions, as it is kept out of the cache. Returns (out [batch, length, embed],
+    updated cache or None).
     """
+    slots = positions if slots is None else slots
     cfg = self.config
     bias = cfg.has_qkv_bias
     det = self.deterministic
@@ -160,16 +180,16 @@ class SelfAttention(nn.Module):
     mixed = layers.bf16_matmuls(cfg)
     new_cache = None
     if cache is not None:
-      start = positions[:, 0]  # [batch]; the chunk's positions are contiguous
+      start = slots[:, 0]  # [batch]; the chunk's slots are contiguous
       new_cache = {"k": _write(cache["k"], k, start, mixed),
                    "v": _write(cache["v"], v, start, mixed)}
     if cache is None or self.empty_cache:
-      out = attend(q, k, v, implementation, bf16_operands=mixed)
+      out = attend(q, k, v, implementation, bf16_operands=mixed, prefix=prefix)
     else:
-      slots = jnp.arange(new_cache["k"].shape[2])  # [cache_length]
-      mask = slots[None, None, :] <= positions[:, :, None]  # [batch, length, cache_length]
+      cache_slots = jnp.arange(new_cache["k"].shape[2])  # [cache_length]
+      mask = cache_slots[None, None, :] <= slots[:, :, None]  # [batch, length, cache_length]
       out = attend_cache(q, new_cache["k"].astype(q.dtype), new_cache["v"].astype(q.dtype),
-                         mask, bf16_operands=mixed)
+                         mask, bf16_operands=mixed, prefix=prefix)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
     out = layers.dense(cfg.width, ("heads", "kv", "embed"), cfg, layers.residual_std(cfg),
                        "out", deterministic=det)(out)  # [batch, length, embed]

@@ -33,6 +33,35 @@ def pattern_selects(pattern: str, path: tuple[str, ...]) -> bool:
   return any(re.fullmatch(pattern, "/".join(path[i:])) for i in range(len(path)))
 
 
+def _targets_tuple(config, section: str) -> tuple[str, ...]:
+  """config.targets as a tuple of valid regexes (a JSON list or one bare pattern too)."""
+  targets = (config.targets,) if isinstance(config.targets, str) else tuple(config.targets)
+  object.__setattr__(config, "targets", targets)
+  if not targets:
+    raise ConfigError(f"model.{section}.targets is empty: name at least one module pattern, "
+                      f"e.g. {LORA_TARGETS} or ('query', 'value')")
+  for pattern in targets:
+    try:
+      re.compile(pattern)
+    except (re.error, TypeError) as e:
+      raise ConfigError(f"model.{section}.targets: {pattern!r} is not a regex ({e})") from None
+  return targets
+
+
+def _positive_int(value, name: str) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _from_dict(cls, values: dict[str, Any], section: str):
+  known = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - known)
+  if unknown:
+    raise ConfigError(f"unknown model.{section} field(s) {unknown}; known fields: "
+                      f"{sorted(known)}")
+  return cls(**values)
+
+
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
   """Low-rank adapters on the Dense layers the `targets` patterns select.
@@ -49,23 +78,12 @@ class LoraConfig:
   rslora: bool = False  # scale by alpha / sqrt(rank) instead of alpha / rank
 
   def __post_init__(self):
-    # A JSON list (or one bare pattern) becomes a tuple: the config must stay hashable.
-    targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
-    object.__setattr__(self, "targets", targets)
-    if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-      raise ConfigError(f"model.lora.rank must be an integer >= 1, got {self.rank!r}")
+    _targets_tuple(self, "lora")  # a JSON list (or one bare pattern) becomes a tuple
+    _positive_int(self.rank, "model.lora.rank")
     if not self.alpha > 0:
       raise ConfigError(f"model.lora.alpha must be positive, got {self.alpha}")
     if not 0.0 <= self.dropout < 1.0:
       raise ConfigError(f"model.lora.dropout must be in [0, 1), got {self.dropout}")
-    if not targets:
-      raise ConfigError("model.lora.targets is empty: name at least one module pattern, "
-                        f"e.g. {LORA_TARGETS} or ('query', 'value')")
-    for pattern in targets:
-      try:
-        re.compile(pattern)
-      except (re.error, TypeError) as e:
-        raise ConfigError(f"model.lora.targets: {pattern!r} is not a regex ({e})") from None
 
   @property
   def scaling(self) -> float:
@@ -77,11 +95,149 @@ class LoraConfig:
 
   @classmethod
   def from_dict(cls, values: dict[str, Any]) -> "LoraConfig":
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-      raise ConfigError(f"unknown model.lora field(s) {unknown}; known fields: {sorted(known)}")
-    return cls(**values)
+    return _from_dict(cls, values, "lora")
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaLoraConfig:
+  """AdaLoRA (Zhang et al., 2023): each targeted Dense adds P diag(E) Q, P [n_in, r],
+  E [r] (the "singular values", zero at init), Q [r, n_out], r = init_rank.
+
+  Training prunes singular values by importance down to target_rank per module on
+  average (a global budget of target_rank * modules), on the cubic schedule of the
+  paper (eq. 12): the full budget for t_init steps, the cubic decrease until
+  num_steps - t_final, the target budget (mask fixed) for the last t_final steps, the
+  mask recomputed every delta_t steps. Importance is |w * grad| smoothed by EMA (beta1),
+  times its EMA uncertainty (beta2). orth_reg weighs ||P^T P - I||^2 + ||Q Q^T - I||^2,
+  averaged over the modules, in the training loss. peft/adalora.py holds the rest.
+  """
+  init_rank: int = 12
+  target_rank: int = 8
+  alpha: float = 32.0  # the update is scaled by alpha / init_rank
+  dropout: float = 0.0
+  targets: tuple[str, ...] = LORA_TARGETS
+  beta1: float = 0.85
+  beta2: float = 0.85
+  t_init: int = 0
+  t_final: int = 0
+  delta_t: int = 10
+  orth_reg: float = 0.1
+
+  def __post_init__(self):
+    _targets_tuple(self, "adalora")
+    _positive_int(self.init_rank, "model.adalora.init_rank")
+    _positive_int(self.target_rank, "model.adalora.target_rank")
+    _positive_int(self.delta_t, "model.adalora.delta_t")
+    if self.target_rank > self.init_rank:
+      raise ConfigError(f"model.adalora.target_rank={self.target_rank} exceeds init_rank="
+                        f"{self.init_rank}: pruning only lowers the rank")
+    for name in ("beta1", "beta2"):
+      if not 0.0 <= getattr(self, name) < 1.0:
+        raise ConfigError(f"model.adalora.{name} must be in [0, 1), got {getattr(self, name)}")
+    for name in ("t_init", "t_final"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"model.adalora.{name} must be an integer >= 0, got {value!r}")
+    if not self.alpha > 0:
+      raise ConfigError(f"model.adalora.alpha must be positive, got {self.alpha}")
+    if not 0.0 <= self.dropout < 1.0:
+      raise ConfigError(f"model.adalora.dropout must be in [0, 1), got {self.dropout}")
+    if not self.orth_reg >= 0:
+      raise ConfigError(f"model.adalora.orth_reg must be >= 0, got {self.orth_reg}")
+
+  @property
+  def scaling(self) -> float:
+    return self.alpha / self.init_rank
+
+  def is_target(self, path: tuple[str, ...]) -> bool:
+    return any(pattern_selects(p, path) for p in self.targets)
+
+
+ADAPTER_ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
+ADAPTER_PLACEMENTS = ("sequential", "parallel")
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterConfig:
+  """Bottleneck adapters: h + up(act(down(h))), down [embed, size], up [size, embed].
+
+  "sequential" (Houlsby et al., 2019): on the output h of each sublayer named in
+  `where` (attention, MLP), before the residual add. "parallel" (He et al., 2022): the
+  adapter reads the sublayer's (normalised) input and its output, times `scale`, is
+  added beside the sublayer's. Both kernels start from N(0, init_std) and the biases at
+  zero, so a fresh adapter is near the identity (Houlsby's init), not exactly it.
+  """
+  size: int = 64
+  activation: str = "relu"
+  where: tuple[str, ...] = ("attn", "mlp")
+  placement: str = "sequential"
+  scale: float = 1.0  # the parallel adapter's output scale (He et al. use 4 on the MLP)
+  init_std: float = 1e-2
+
+  def __post_init__(self):
+    where = (self.where,) if isinstance(self.where, str) else tuple(self.where)
+    object.__setattr__(self, "where", where)
+    _positive_int(self.size, "model.adapter.size")
+    if self.activation not in ADAPTER_ACTIVATIONS:
+      raise ConfigError(f"model.adapter.activation must be one of {ADAPTER_ACTIVATIONS}, "
+                        f"got {self.activation!r}")
+    if self.placement not in ADAPTER_PLACEMENTS:
+      raise ConfigError(f"model.adapter.placement must be one of {ADAPTER_PLACEMENTS}, "
+                        f"got {self.placement!r}")
+    if not where or any(w not in ("attn", "mlp") for w in where):
+      raise ConfigError(f"model.adapter.where must name 'attn' and/or 'mlp', got {where}")
+    if not self.init_std >= 0 or not self.scale > 0:
+      raise ConfigError("model.adapter.init_std must be >= 0 and model.adapter.scale > 0")
+
+
+PROMPT_INITS = ("vocab", "random")
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptConfig:
+  """Prompt tuning (Lester et al., 2021): `length` trained embeddings read before the
+  input, at positions 0..length-1 (the input's positions start at `length`).
+
+  init "vocab": each starts as the embedding of a token drawn from the first
+  `init_vocab` ids (done on the pretrained table, peft/prompt.py); "random": N(0, init_std).
+  """
+  length: int = 20
+  init: str = "vocab"
+  init_vocab: int = 5000
+
+  def __post_init__(self):
+    _positive_int(self.length, "model.prompt.length")
+    _positive_int(self.init_vocab, "model.prompt.init_vocab")
+    if self.init not in PROMPT_INITS:
+      raise ConfigError(f"model.prompt.init must be one of {PROMPT_INITS}, got {self.init!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefixConfig:
+  """Prefix tuning (Li and Liang, 2021): `length` trained keys and values per layer, seen
+  by every query as if `length` tokens came before the input (which starts at position
+  `length`).
+
+  With `reparam_hidden` the prefix is kv + MLP(embedding) during training (an MLP with
+  one tanh hidden layer of that width; its output layer starts at zero) and
+  peft.prefix.fold computes it once afterwards, leaving `kv` alone (reparam_hidden
+  None). kv starts as the keys and values the pretrained model computes for `length`
+  real tokens (Li and Liang's initialisation from real-word activations).
+  """
+  length: int = 20
+  reparam_hidden: Optional[int] = 512
+  init_vocab: int = 5000  # the real tokens of the initialisation: drawn from these ids
+
+  def __post_init__(self):
+    _positive_int(self.length, "model.prefix.length")
+    _positive_int(self.init_vocab, "model.prefix.init_vocab")
+    if self.reparam_hidden is not None:
+      _positive_int(self.reparam_hidden, "model.prefix.reparam_hidden")
+
+
+# The parameter-efficient methods, each a ModelConfig field holding its config class.
+PEFT_METHODS = {"lora": LoraConfig, "adalora": AdaLoraConfig, "adapter": AdapterConfig,
+                "prompt": PromptConfig, "prefix": PrefixConfig}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,17 +275,29 @@ class ModelConfig:
   remat: str = "none"
   scan_layers: bool = False  # one lax.scan over stacked layer params (faster compiles)
   init_std: float = 0.02
-  lora: Optional[LoraConfig] = None  # low-rank adapters (decoder_jax.peft); None: plain model
+  # Parameter-efficient fine-tuning (decoder_jax.peft), at most one of these; None: plain.
+  lora: Optional[LoraConfig] = None  # low-rank adapters
+  adalora: Optional[AdaLoraConfig] = None  # low-rank adapters with adaptive rank
+  adapter: Optional[AdapterConfig] = None  # bottleneck adapters
+  prompt: Optional[PromptConfig] = None  # soft prompt (prompt tuning)
+  prefix: Optional[PrefixConfig] = None  # per-layer key/value prefix (prefix tuning)
 
   def __post_init__(self):
     if isinstance(self.remat, bool):
       object.__setattr__(self, "remat", "full" if self.remat else "none")
     if self.remat not in REMAT_POLICIES:
       raise ConfigError(f"model.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
-    if isinstance(self.lora, dict):  # from JSON / a ConfigDict section
-      object.__setattr__(self, "lora", LoraConfig.from_dict(self.lora))
-    if self.lora is not None and not isinstance(self.lora, LoraConfig):
-      raise ConfigError(f"model.lora must be None, a LoraConfig or a dict, got {self.lora!r}")
+    for name, cls in PEFT_METHODS.items():
+      value = getattr(self, name)
+      if isinstance(value, dict):  # from JSON / a ConfigDict section
+        object.__setattr__(self, name, _from_dict(cls, value, name))
+      elif value is not None and not isinstance(value, cls):
+        raise ConfigError(f"model.{name} must be None, a {cls.__name__} or a dict, "
+                          f"got {value!r}")
+    methods = [name for name in PEFT_METHODS if getattr(self, name) is not None]
+    if len(methods) > 1:
+      raise ConfigError(f"model.{' and model.'.join(methods)} are set: choose one "
+                        "parameter-efficient method")
     if self.family not in FAMILIES:
       raise ConfigError(f"model.family must be one of {FAMILIES}, got {self.family!r}")
     if self.attention_impl not in ATTENTION_IMPLEMENTATIONS:
@@ -183,6 +351,17 @@ class ModelConfig:
   @property
   def use_rope(self) -> bool:
     return self.family == "llama"
+
+  @property
+  def peft_method(self) -> Optional[str]:
+    """The parameter-efficient method set ("lora", "adalora", ...), or None."""
+    return next((name for name in PEFT_METHODS if getattr(self, name) is not None), None)
+
+  @property
+  def prefix_length(self) -> int:
+    """Positions a soft prompt or a prefix takes before the input (0 without either)."""
+    method = self.prompt or self.prefix
+    return 0 if method is None else method.length
 
   @classmethod
   def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":

@@ -188,6 +188,8 @@ class Dense(nn.Module):
       out = x2 @ kernel.astype(dtype).reshape(n_in, n_out)  # [tokens, n_out]
     if cfg.lora is not None and cfg.lora.is_target(self.scope.path):
       out = out + self._lora(x2, n_in, n_out)
+    if cfg.adalora is not None and cfg.adalora.is_target(self.scope.path):
+      out = out + self._adalora(x2, n_in, n_out)
     out = out.reshape(lead + self.out_shape)
     if self.use_bias:
       bias = self.param("bias", zeros_init(self.axes[len(self.in_shape):]), self.out_shape,
@@ -210,6 +212,21 @@ class Dense(nn.Module):
     h = (h @ a.astype(x2.dtype)) @ b.astype(x2.dtype)  # [tokens, n_out]
     return (lora.scaling * h).astype(x2.dtype)
 
+  def _adalora(self, x2, n_in: int, n_out: int):  # x2: [tokens, n_in] -> [tokens, n_out]
+    ada = self.config.adalora
+    in_axis, out_axis = self.axes[0], self.axes[len(self.in_shape)]
+    param_dtype = dtype_of(self.config.param_dtype)
+    # PEFT's init: P and Q from N(0, 0.02), the singular values E at zero (so the update
+    # starts at zero and P, Q get gradients once E moves).
+    p = self.param("adalora_p", normal_init(0.02, (in_axis, None)), (n_in, ada.init_rank),
+                   param_dtype)
+    e = self.param("adalora_e", zeros_init((None,)), (ada.init_rank,), param_dtype)
+    q = self.param("adalora_q", normal_init(0.02, (None, out_axis)), (ada.init_rank, n_out),
+                   param_dtype)
+    h = nn.Dropout(ada.dropout)(x2, deterministic=self.deterministic)
+    h = ((h @ p.astype(x2.dtype)) * e.astype(x2.dtype)) @ q.astype(x2.dtype)  # [tokens, n_out]
+    return (ada.scaling * h).astype(x2.dtype)
+
 
 def dense(features, axes: tuple[str, ...], config: ModelConfig, std: float, name: str,
           use_bias: bool | None = None, deterministic: bool = True):
@@ -224,6 +241,26 @@ def dense(features, axes: tuple[str, ...], config: ModelConfig, std: float, name
   in_shape = tuple(sizes[a] for a in axes[:len(axes) - len(out_shape)])
   return Dense(in_shape, out_shape, axes, config, std,
                config.use_bias if use_bias is None else use_bias, deterministic, name=name)
+
+
+_ACTIVATIONS = {"relu": nn.relu, "gelu": functools.partial(nn.gelu, approximate=True),
+                "silu": nn.silu, "tanh": jnp.tanh}
+
+
+class Adapter(nn.Module):
+  """A bottleneck adapter's branch (config.adapter): up(act(down(h))), [.., embed] in and
+  out; the caller adds it to h (sequential) or beside the sublayer (parallel)."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, h):  # [batch, length, embed]
+    cfg = self.config
+    adapter = cfg.adapter
+    down = Dense((cfg.width,), (adapter.size,), ("embed", None), cfg, adapter.init_std,
+                 use_bias=True, name="down")(h)  # [batch, length, size]
+    up = Dense((adapter.size,), (cfg.width,), (None, "embed"), cfg, adapter.init_std,
+               use_bias=True, name="up")(_ACTIVATIONS[adapter.activation](down))
+    return up  # [batch, length, embed]
 
 
 class Mlp(nn.Module):
