@@ -5,7 +5,8 @@
   python -m decoder_jax.evaluate --config=configs/smollm2_multi30k.py:lora --workdir=W \
       --split=test_2016_flickr --num_beams=4
 
-Arg: `full` or `lora`, optionally `,cpu` (a recipe for 2 CPU cores: a slice of the
+Arg: the method, `full`, `lora`, `adalora`, `adapter`, `prompt` or `prefix` (sizes:
+decoder_jax/train/config_sections.py), optionally `,cpu` (a recipe for 2 CPU cores: a slice of the
 training data, a shorter schedule, BLEU on part of val during training; `full,cpu` took
 33 minutes on 2 idle cores). The model is decoder-only: the English sentence goes in the prompt and
 the French one is the response (loss on the response only). task.source defaults to
@@ -24,6 +25,10 @@ from decoder_jax.evaluation.task_eval import default_eval_config
 from decoder_jax.train import config_sections as common
 
 
+# Translation learns more than two label words: LoRA and AdaLoRA take twice SST-2's rate.
+LEARNING_RATES = {**common.LEARNING_RATES, "full": 5e-5, "lora": 1e-3, "adalora": 2e-3}
+
+
 def get_config(arg: str | None = None):
   method, cpu = common.parse_finetune_arg(arg)
   task = default_task_config()
@@ -34,7 +39,7 @@ def get_config(arg: str | None = None):
   task.eval_split = "val"
   task.max_length = 128
   train = common.train_section(
-      num_steps=3000, batch_size=32, learning_rate=1e-3 if method == "lora" else 5e-5,
+      num_steps=3000, batch_size=32, learning_rate=LEARNING_RATES[method],
       min_learning_rate=0.0, warmup_steps=100, weight_decay=0.0, log_every=50,
       eval_every=500, checkpoint_every=500, keep_checkpoints=2)
   evaluation = default_eval_config()

@@ -5,7 +5,9 @@
   python -m decoder_jax.evaluate --config=configs/smollm2_sst2.py:lora --workdir=W \
       --tsv_file=DATA/sst2/dev.tsv
 
-Arg: `full` or `lora`, optionally `,cpu` (`full,cpu` took 24 minutes on 2 idle CPU cores).
+Arg: the method, `full`, `lora`, `adalora`, `adapter`, `prompt` or `prefix` (sizes and
+learning rates: decoder_jax/train/config_sections.py), optionally `,cpu` (`full,cpu` took
+24 minutes on 2 idle CPU cores).
 By default the LM head scores the label words " negative" / " positive" after the prompt
 (task.mode="label_words"); --config.task.mode=head trains a classification head on the
 final token instead. task.source defaults to $DECODER_JAX_DATA/sst2 when that variable
@@ -35,7 +37,7 @@ def get_config(arg: str | None = None):
   task.eval_split = "dev"
   task.max_length = 96
   train = common.train_section(
-      num_steps=2000, batch_size=32, learning_rate=5e-4 if method == "lora" else 2e-5,
+      num_steps=2000, batch_size=32, learning_rate=common.LEARNING_RATES[method],
       min_learning_rate=0.0, warmup_steps=100, weight_decay=0.0, log_every=50,
       eval_every=250, checkpoint_every=500, keep_checkpoints=2)
   evaluation = default_eval_config()

@@ -41,8 +41,8 @@ def load_trained(workdir: str) -> TrainedModel:
   """The latest checkpoint of a training workdir, with its model config and tokenizer.
 
   A run started from pretrained weights (config.init_from, e.g. a LoRA fine-tuning) comes
-  back as a plain model: its base re-read from the source where the checkpoint holds only
-  the trainable half, LoRA adapters merged into the kernels.
+  back ready to decode: its base re-read from the source where the checkpoint holds only
+  the trainable half, the method merged where it can be (peft.for_inference).
   """
   if not os.path.isdir(workdir):
     raise NotFound(f"workdir {workdir} does not exist or is not a directory")
@@ -93,20 +93,21 @@ def _load_from_pretrained_run(workdir: str, config) -> TrainedModel:
   from decoder_jax.train import setup
 
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-  lora = config.model.get("lora") is not None
-  run = setup.build_run(config, workdir, mesh, need_base=lora, resuming=True, with_data=False)
-  tx = optimizer.make_optimizer(config.train)
+  peft_run = setup.uses_peft(config)
+  run = setup.build_run(config, workdir, mesh, need_base=peft_run, resuming=True,
+                        with_data=False)
+  tx = setup.make_optimizer(config.train, run.model_config)
   abstract, _, _, frozen_shardings = setup.abstract_state(run, tx, mesh, config)
   manager = checkpoint.make_manager(workdir, 1, 1, async_writes=False)
   state, _ = _restore_shown(manager, abstract, workdir)
   frozen = {}
-  if lora:
+  if peft_run:
     _, frozen = setup.split_params(run, setup.initial_params(run, mesh, jax.random.key(0)),
                                    frozen_shardings, config)
-  params = peft.combine(state.params, frozen)
-  model_config = run.model_config
-  if lora:
-    params, model_config = peft.merge(params, model_config)
+  # LoRA and AdaLoRA folded into the kernels, a prefix's MLP folded away; adapters and a
+  # soft prompt stay in the model.
+  params, model_config = peft.for_inference(peft.combine(state.params, frozen),
+                                            run.model_config)
   return TrainedModel(model_config, params, run.tokenizer, int(state.step))
 
 
@@ -163,11 +164,14 @@ def check_request(model_config: ModelConfig, prompt_length: int, max_new_tokens:
   check_settings(max_new_tokens, min_new_tokens, num_beams, num_samples)
   if prompt_length < 1:
     raise ConfigError("a prompt is empty and the tokenizer has no BOS token to start from")
-  if prompt_length + max_new_tokens > model_config.max_length:
+  room = model_config.max_length - model_config.prefix_length  # a soft prompt takes some
+  if prompt_length + max_new_tokens > room:
     raise ConfigError(
         f"a prompt of {prompt_length} tokens plus max_new_tokens={max_new_tokens} does not fit "
-        f"the model's context (max_length={model_config.max_length}); shorten the prompt or "
-        "ask for fewer tokens")
+        f"the model's context (max_length={model_config.max_length}"
+        + (f", of which the soft prompt or prefix takes {model_config.prefix_length}"
+           if model_config.prefix_length else "")
+        + "); shorten the prompt or ask for fewer tokens")
 
 
 def check_settings(max_new_tokens: int, min_new_tokens: int = 0, num_beams: int = 1,
@@ -190,14 +194,18 @@ def _model_fns(model_config: ModelConfig, params):
   """(tokens_to_logits, prefill_to_logits) of decoding.generate for these params."""
   model = Decoder(model_config)
   params = layers.round_matmul_kernels(params, model_config)  # once, before the loop
+  prefix = None  # a soft prompt's or prefix's keys and values: computed once, not per step
+  if model_config.prefix_length:
+    prefix = model.apply({"params": params}, jnp.zeros((1, 1), jnp.int32), prefix_only=True)
 
   def tokens_to_logits(tokens, positions, cache):
-    return model.apply({"params": params}, tokens, positions=positions, cache=cache)
+    return model.apply({"params": params}, tokens, positions=positions, cache=cache,
+                       prefix=prefix)
 
   def prefill_to_logits(tokens, positions, cache, last):  # output layer at `last` only
     del positions  # decoding.prefill's are 0..T-1, which empty_cache builds itself
     return model.apply({"params": params}, tokens, cache=cache, logits_at=last,
-                       empty_cache=True)
+                       empty_cache=True, prefix=prefix)
 
   return tokens_to_logits, prefill_to_logits
 
@@ -369,7 +377,8 @@ def _generate_call(trained: TrainedModel, token_lists, rng, *, max_new_tokens, s
   score)] for each sample or beam."""
   config = trained.config
   repeated = [t for t in token_lists for _ in range(num_samples)]
-  prompt_array, lengths = pad_prompts(repeated, max_width=config.max_length - max_new_tokens)
+  room = config.max_length - config.prefix_length - max_new_tokens
+  prompt_array, lengths = pad_prompts(repeated, max_width=room)
   if num_beams > 1:
     result = beam_search_tokens(trained.params, prompt_array, lengths, model_config=config,
                                 num_beams=num_beams, max_new_tokens=max_new_tokens,
@@ -399,7 +408,8 @@ def complete(trained: TrainedModel, prompt: str, *, max_new_tokens: int, sampler
   """
   if max_new_tokens < 1:
     raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-  tokenizer, context = trained.tokenizer, trained.config.max_length
+  tokenizer = trained.tokenizer
+  context = trained.config.max_length - trained.config.prefix_length  # the input's room
   ids = encode_chat(tokenizer, prompt) if chat else list(tokenizer.encode(prompt))
   if not ids:
     raise ConfigError("the prompt is empty after tokenization; give at least one token")

@@ -253,3 +253,38 @@ def test_bfloat16_params_keep_their_dtype_through_steps():
   dtypes = {x.dtype for x in jax.tree.leaves((state.params, state.opt_state[0].mu))}
   assert dtypes == {jnp.dtype("bfloat16")}
   assert step._cache_size() == 1
+
+
+@pytest.mark.parametrize("method", ["adalora", "prefix"])
+def test_peft_run_checkpoints_only_its_parameters_and_restores(method, task_data_dir, tmp_path,
+                                                               tiny_pretrained):
+  """AdaLoRA (its allocator's state in the optimizer state) and prefix tuning (its prefix
+  initialised from the base, its MLP folded away for decoding) through the loop, the
+  checkpoint, evaluate and generate's loading."""
+  config = sst2_config(task_data_dir, tmp_path, tiny_pretrained, method, learning_rate=1e-2)
+  if method == "adalora":
+    config.model.adalora.update(init_rank=6, target_rank=4, t_init=1, t_final=1, delta_t=1)
+  workdir = str(tmp_path / method)
+  loop.train_and_evaluate(config, workdir)
+  manager = checkpoint.make_manager(workdir, 1, 1, async_writes=False)
+  saved = manager.item_metadata(4)["state"]
+  saved = getattr(saved, "tree", saved)
+  names = {p[-1] if method == "adalora" else p[0]
+           for p in traverse_util.flatten_dict(saved["params"])}
+  assert names == ({"adalora_p", "adalora_e", "adalora_q"} if method == "adalora"
+                   else {"prefix"})
+  manager.close()
+
+  from decoder_jax.evaluation import finetuned as evaluate
+  scored = evaluate.evaluate(config, workdir, weights="latest")
+  assert scored["loss"] == pytest.approx(loop_metrics(workdir)[4]["eval/loss"], abs=1e-5)
+  loaded = inference.load_trained(workdir)
+  assert loaded.config.peft_method == (None if method == "adalora" else "prefix")
+  run, params, _ = evaluate.load_finetuned(config, workdir, weights="latest")
+  tokens = jnp.arange(12)[None]
+  np.testing.assert_allclose(
+      Decoder(loaded.config).apply({"params": loaded.params}, tokens)[0],
+      run.model.apply({"params": params}, tokens)[0], atol=1e-4)
+  if method == "adalora":  # t_final=1: the last step pruned to the target budget
+    assert peft.adalora.live_singular_values(params) == (
+        config.model.adalora.target_rank * peft.adalora.num_triplets(run.model_config))

@@ -2,7 +2,7 @@
 
 The library behind `python -m decoder_jax.evaluate`, for notebooks and scripts:
 `load_finetuned` (base from config.init_from + the workdir's trainable half),
-`merged_model` (LoRA folded in, ready for decoding) and `evaluate` (one JSON-able dict).
+`merged_model` (the method merged where it can be, ready for decoding) and `evaluate` (one JSON-able dict).
 """
 
 from __future__ import annotations
@@ -52,12 +52,12 @@ def load_finetuned(config, workdir: str | None, *, zero_shot: bool = False,
                    weights: str = "best"):
   """(run, params, what) for a task config: the base from config.init_from plus the
   trainable half from `workdir` ("best" or "latest" checkpoint), or the pretrained model
-  alone with `zero_shot`. `params` is the full tree (LoRA adapters unmerged); `what` says
+  alone with `zero_shot`. `params` is the full tree (the method unmerged); `what` says
   which weights these are."""
   import jax
 
   from decoder_jax import peft
-  from decoder_jax.train import checkpoint, loop, optimizer, setup, sharding
+  from decoder_jax.train import checkpoint, loop, setup, sharding
 
   if config.get("task") is None:
     raise ConfigError("--config must be a task config (with a task section), e.g. "
@@ -77,12 +77,13 @@ def load_finetuned(config, workdir: str | None, *, zero_shot: bool = False,
   if zero_shot:
     config = config.copy_and_resolve_references()
     with config.unlocked():
-      config.model.lora = None  # the pretrained model alone
+      for name in peft.METHODS:  # the pretrained model alone
+        config.model[name] = None
   run = setup.build_run(config, workdir, mesh, need_base=True, resuming=False)
   if zero_shot and run.model.num_labels:
     raise ConfigError("zero-shot needs task.mode=label_words: a classification head is "
                       "untrained before fine-tuning")
-  tx = optimizer.make_optimizer(config.train)
+  tx = setup.make_optimizer(config.train, run.model_config)
   _, _, _, frozen_shardings = setup.abstract_state(run, tx, mesh, config)
   trainable, frozen = setup.split_params(run, setup.initial_params(run, mesh, jax.random.key(0)),
                                          frozen_shardings, config)
@@ -94,7 +95,7 @@ def load_finetuned(config, workdir: str | None, *, zero_shot: bool = False,
 
 
 def merged_model(run, params):
-  """An inference.TrainedModel of a loaded run with any LoRA adapters folded in, for
+  """An inference.TrainedModel of a loaded run with its method merged where it can be, for
   inference.generate_batch / complete or evaluation.generation.generate_texts."""
   from decoder_jax import inference
   from decoder_jax.evaluation import task_eval

@@ -37,10 +37,9 @@ HIGHER_IS_BETTER = {"bleu": True, "accuracy": True, "macro_f1": True, "loss": Fa
 
 
 def plain_model(model_config: ModelConfig, params):
-  """(config, params) with any LoRA adapters folded into the kernels."""
-  if model_config.lora is None:
-    return model_config, params
-  merged, config = peft.merge(params, model_config)
+  """(config, params) ready to decode: the fine-tuning method merged where it can be
+  (peft.for_inference)."""
+  merged, config = peft.for_inference(params, model_config)
   return config, merged
 
 

@@ -535,9 +535,12 @@ def save_hf(directory: str | os.PathLike, config: ModelConfig, params, *,
   """
   if dtype not in _DTYPES:
     raise ConfigError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
-  if config.lora is not None:  # the export has no place for adapters: they would be dropped
-    raise ConfigError("config.lora is set: fold the adapters in first with "
-                      "decoder_jax.peft.merge(params, config) and export its result")
+  method = config.peft_method
+  if method is not None:  # the export has no place for adapters: they would be dropped
+    hint = ("fold it in first with decoder_jax.peft.merge(params, config) and export its "
+            "result" if method in ("lora", "adalora") else
+            "a Hugging Face checkpoint of the base architecture cannot hold it")
+    raise ConfigError(f"config.{method} is set: {hint}")
   from safetensors.numpy import save_file  # imported here: only interop needs safetensors
   directory = os.fspath(directory)
   os.makedirs(directory, exist_ok=True)

@@ -81,36 +81,71 @@ def base_config(*, model, train, data_overrides=None, mesh=None, seed=1337):
   return config
 
 
-FINETUNE_ARGS = ("full", "lora", "cpu")
+FINETUNE_METHODS = ("full", "lora", "adalora", "adapter", "prompt", "prefix")
+FINETUNE_ARGS = FINETUNE_METHODS + ("cpu",)
 
 
 def parse_finetune_arg(arg: str | None) -> tuple[str, bool]:
-  """"lora,cpu" -> ("lora", True). The method (full | lora) is required."""
+  """"lora,cpu" -> ("lora", True). The method (one of FINETUNE_METHODS) is required."""
   parts = [p for p in (arg or "").split(",") if p]
   unknown = [p for p in parts if p not in FINETUNE_ARGS]
-  methods = [p for p in parts if p in ("full", "lora")]
+  methods = [p for p in parts if p in FINETUNE_METHODS]
   if unknown or len(methods) != 1 or len(parts) != len(set(parts)):
-    raise ConfigError(f"config arg {arg!r}: give full or lora, optionally with cpu "
-                      "(e.g. ':lora' or ':full,cpu')")
+    raise ConfigError(f"config arg {arg!r}: give one of {', '.join(FINETUNE_METHODS)}, "
+                      "optionally with cpu (e.g. ':lora' or ':prefix,cpu')")
   return methods[0], "cpu" in parts
+
+
+def method_section(method: str, num_steps: int, lora_rank: int = 16,
+                   lora_alpha: float = 32.0):
+  """The model section field and its settings for a parameter-efficient `method`, sized
+  alike: LoRA rank 16 on every attention and MLP projection (4.9M parameters on
+  SmolLM2-135M); AdaLoRA from rank 24 down to an average of 16 (LoRA's budget at the
+  end); adapters of width 64 after both sublayers (4.5M); 20 soft-prompt or prefix
+  positions. AdaLoRA's schedule takes 10% of the steps before pruning and fixes the
+  ranks for the last 20%."""
+  targets = ("attn/.*", "mlp/.*")
+  if method == "lora":
+    return dict(rank=lora_rank, alpha=lora_alpha, dropout=0.05, targets=targets,
+                rslora=False)
+  if method == "adalora":
+    return dict(init_rank=lora_rank * 3 // 2, target_rank=lora_rank, alpha=lora_alpha * 3 / 2,
+                dropout=0.05, targets=targets, beta1=0.85, beta2=0.85,
+                t_init=num_steps // 10, t_final=num_steps // 5,
+                delta_t=max(1, num_steps // 30), orth_reg=0.1)
+  if method == "adapter":
+    return dict(size=64, activation="relu", where=("attn", "mlp"), placement="sequential",
+                scale=1.0, init_std=1e-2)
+  if method == "prompt":
+    return dict(length=20, init="vocab", init_vocab=5000)
+  if method == "prefix":
+    return dict(length=20, reparam_hidden=512, init_vocab=5000)
+  raise ConfigError(f"unknown fine-tuning method {method!r}; known: {FINETUNE_METHODS}")
+
+
+# Peak learning rates of the methods (AdamW, no weight decay): full fine-tuning moves
+# pretrained weights, so it is the smallest; a soft prompt is a few thousand numbers
+# steering the whole model and takes the largest (PEFT's examples use 3e-2).
+LEARNING_RATES = {"full": 2e-5, "lora": 5e-4, "adalora": 1e-3, "adapter": 1e-3,
+                  "prompt": 3e-2, "prefix": 5e-3}
 
 
 def finetune_config(*, method: str, cpu: bool, task, train, eval_section,
                     init_from: str = "fetch:smollm2-135m-instruct", lora_rank: int = 16,
                     lora_alpha: float = 32.0, seed: int = 0):
-  """A fine-tuning experiment: pretrained weights (`init_from`), a task, full or LoRA.
+  """A fine-tuning experiment: pretrained weights (`init_from`), a task, full or one of
+  the parameter-efficient methods (method_section).
 
   The model section only holds training choices (the architecture is the source's):
-  float32 on CPU, bfloat16 compute on an accelerator; LoRA keeps the frozen base in
-  bfloat16 there.
+  float32 on CPU, bfloat16 compute on an accelerator; a parameter-efficient method
+  keeps the frozen base in bfloat16 there.
   """
   model = model_section(
       dtype="float32" if cpu else "bfloat16", scan_layers=True,
       attention_impl="xla" if cpu else "auto")
-  if method == "lora":
-    model.lora = ml_collections.ConfigDict(dict(
-        rank=lora_rank, alpha=lora_alpha, dropout=0.05,
-        targets=("attn/.*", "mlp/.*"), rslora=False))
+  if method != "full":
+    model[method] = ml_collections.ConfigDict(
+        method_section(method, train.num_steps, lora_rank, lora_alpha))
     if not cpu:
       train.frozen_dtype = "bfloat16"
   config = base_config(model=model, train=train, seed=seed,

@@ -20,7 +20,8 @@ from decoder_jax.model import ModelConfig
 
 # ModelConfig fields the training config decides; every other field is the checkpoint's.
 TRAINING_FIELDS = ("dtype", "param_dtype", "matmul_dtype", "attention_impl", "remat",
-                   "scan_layers", "dropout", "lora")
+                   "scan_layers", "dropout", "lora", "adalora", "adapter", "prompt", "prefix")
+PEFT_FIELDS = ("lora", "adalora", "adapter", "prompt", "prefix")
 
 
 def _is_training_workdir(path: str) -> bool:
@@ -54,8 +55,9 @@ def relayout_layers(params: dict, num_layers: int, scan_layers: bool) -> dict:
 def training_config(source_config: ModelConfig, model_section) -> ModelConfig:
   """The source's architecture with the training choices of `model_section`."""
   choices = {name: model_section.get(name) for name in TRAINING_FIELDS}
-  if hasattr(choices["lora"], "to_dict"):  # a ConfigDict section
-    choices["lora"] = choices["lora"].to_dict()
+  for name in PEFT_FIELDS:
+    if hasattr(choices[name], "to_dict"):  # a ConfigDict section
+      choices[name] = choices[name].to_dict()
   return dataclasses.replace(source_config, **choices)
 
 
@@ -73,7 +75,8 @@ def load(source: str, model_section, mesh):
   config = training_config(start.config, model_section)
   params = relayout_layers(start.params, config.num_layers, config.scan_layers)
   # The source has no adapters: lay its leaves out as the plain model's.
-  shardings = inference.param_shardings(dataclasses.replace(config, lora=None), mesh)
+  shardings = inference.param_shardings(
+      dataclasses.replace(config, **dict.fromkeys(PEFT_FIELDS)), mesh)
   cast = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(jnp.dtype(config.param_dtype)), p),
                  out_shardings=shardings)
   return inference.TrainedModel(config, cast(params), start.tokenizer)

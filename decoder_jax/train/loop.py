@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from decoder_jax.data import tokenizers
 from decoder_jax.errors import ConfigError, RunFailed
+from decoder_jax import peft
 from decoder_jax.peft import combine
 from decoder_jax.train import state as state_lib
 from decoder_jax.train import checkpoint, compile_ahead, optimizer, setup, sharding, steps
@@ -320,26 +321,28 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
   is_writer = jax.process_index() == 0
 
   resuming = checkpoint.latest_step(workdir) is not None
-  lora = config.model.get("lora") is not None
+  peft_run = setup.uses_peft(config)  # checkpoints hold the trainable half only
   # The model, data and task are checked before anything is written: a bad config or
   # corpus leaves a new workdir uncreated.
-  run = setup.build_run(config, workdir, mesh, need_base=lora, resuming=resuming)
+  run = setup.build_run(config, workdir, mesh, need_base=peft_run, resuming=resuming)
   task_evaluator = TaskEvaluator(config, workdir, run, is_writer)
   manager = checkpoint.make_manager(workdir, train_cfg.checkpoint_every, train_cfg.keep_checkpoints,
                                     train_cfg.async_checkpoints)
   model_config, model, datasets = run.model_config, run.model, run.datasets
-  tx = optimizer.make_optimizer(train_cfg)
+  tx = setup.make_optimizer(train_cfg, model_config)
   init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
   abstract, state_shardings, abstract_frozen, frozen_shardings = setup.abstract_state(
       run, tx, mesh, config)
   first_step = manager.latest_step() if resuming else 0  # the step restore() reads
 
   batch_sharding = sharding.batch_sharding(mesh)
-  dropout = model_config.dropout > 0 or (lora and model_config.lora.dropout > 0)
+  method = model_config.lora or model_config.adalora
+  dropout = model_config.dropout > 0 or (method is not None and method.dropout > 0)
   step_fn = steps.make_train_step(
       model, train_cfg.grad_accum_steps, dropout=dropout,
       loss_chunk_size=train_cfg.get("loss_chunk_size"),
-      flat_allreduce_mesh=mesh if train_cfg.get("flat_grad_allreduce") else None)
+      flat_allreduce_mesh=mesh if train_cfg.get("flat_grad_allreduce") else None,
+      regularizer=peft.adalora.regularizer(model_config))
 
   def jit_step(fn, batches_sharding):  # (state, frozen, batch(es), rng) -> (state, metrics)
     return jax.jit(fn, in_shardings=(state_shardings, frozen_shardings, batches_sharding, None),
@@ -388,7 +391,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
       state, data_state = checkpoint.restore(manager, abstract, first_step)
       datasets.train_iter.set_state(data_state)
       logging.info("resumed from %s at step %d", manager.directory, int(state.step))
-    if not resuming or lora:  # LoRA checkpoints hold the trainable half only
+    if not resuming or peft_run:  # their checkpoints hold the trainable half only
       trainable, frozen = setup.split_params(run, setup.initial_params(run, mesh, init_rng),
                                              frozen_shardings, config)
       if not resuming:

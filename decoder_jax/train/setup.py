@@ -4,11 +4,12 @@
 so both see the same architecture, tokenizer, task and trainable/frozen split.
 
 Parameters are split in two (see train/steps.py): the trainable half lives in the
-TrainState (optimizer state, checkpoints) and the frozen half beside it. With LoRA
-(`config.model.lora`) only the adapters and any classification head are trainable, the
-frozen base comes from `config.init_from` on every start (a LoRA checkpoint stores the
-trainable half, config.json the reference to the base) and may be held in
-`config.train.frozen_dtype` (e.g. bfloat16). Without LoRA everything is trainable.
+TrainState (optimizer state, checkpoints) and the frozen half beside it. With a
+parameter-efficient method (`config.model.lora`, `.adalora`, `.adapter`, `.prompt`,
+`.prefix`; decoder_jax.peft) only the method's parameters and any classification head
+are trainable, the frozen base comes from `config.init_from` on every start (such a
+checkpoint stores the trainable half, config.json the reference to the base) and may be
+held in `config.train.frozen_dtype` (e.g. bfloat16). Without one everything is trainable.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from decoder_jax import peft
 from decoder_jax.data import pipeline, tasks, tokenizers
 from decoder_jax.errors import ConfigError
 from decoder_jax.model import Decoder, ModelConfig
-from decoder_jax.train import init_from, sharding, state as state_lib
+from decoder_jax.train import init_from, optimizer, sharding, state as state_lib
 
 MODEL_CONFIG_FILE = "model_config.json"
 
@@ -57,12 +58,19 @@ def num_labels_of(config) -> int:
   return len(task.label_names)
 
 
-def trainable_predicate(model_config: ModelConfig):
-  """(path, leaf) -> whether the param trains: all of them, or with LoRA the adapters
-  and the classification head."""
-  if model_config.lora is None:
-    return lambda path, leaf: True
-  return lambda path, leaf: peft.is_lora_param(path) or path[0] == "cls_head"
+def uses_peft(config) -> bool:
+  """Whether the run's model section sets a parameter-efficient method (its checkpoints
+  then hold the trainable half only, the base comes from config.init_from)."""
+  return any(config.model.get(name) is not None for name in peft.METHODS)
+
+
+def make_optimizer(train_config, model_config: ModelConfig):
+  """The run's optimizer: AdamW (train/optimizer.py), wrapped in AdaLoRA's rank
+  allocation when the model uses AdaLoRA."""
+  tx = optimizer.make_optimizer(train_config)
+  if model_config.adalora is not None:
+    tx = peft.adalora.allocator(tx, model_config, train_config.num_steps)
+  return tx
 
 
 @dataclasses.dataclass
@@ -129,15 +137,18 @@ def build_run(config, workdir: str | None, mesh, *, need_base: bool, resuming: b
   if seq_len > model_config.max_length and not model_config.use_rope:
     raise ConfigError(f"sequence length {seq_len} exceeds the model's max_length "
                       f"({model_config.max_length})")
-  if model_config.lora is not None:
+  if model_config.peft_method is not None:
     if not source:
-      raise ConfigError("model.lora adapts pretrained weights: set config.init_from")
-    peft.check_targets(model_config)
+      raise ConfigError(f"model.{model_config.peft_method} adapts pretrained weights: set "
+                        "config.init_from")
+    peft.check(model_config, seq_len=seq_len)
+    if model_config.adalora is not None:
+      peft.adalora.check_schedule(model_config.adalora, train_cfg.num_steps)
   model = Decoder(model_config, num_labels=num_labels_of(config))
   boxed = jax.eval_shape(lambda: model.init(jax.random.key(0),
                                             jnp.zeros((1, 8), jnp.int32)))["params"]
   return Run(model_config, model, tokenizer, datasets, seq_len,
-             trainable_predicate(model_config), boxed, start)
+             peft.trainable_predicate(model_config), boxed, start)
 
 
 def frozen_dtype(config):
@@ -196,11 +207,15 @@ def initial_params(run: Run, mesh, rng):
     flat = traverse_util.flatten_dict(nn.unbox(run.model.init(r, tokens))["params"])
     return {path: flat[path] for path in missing}
 
-  new = {path: jax.device_put(leaf, flat_shardings[path]) for path, leaf in fresh(rng).items()}
+  new = fresh(rng)
+  if run.model_config.peft_method is not None:  # e.g. a soft prompt from the vocabulary
+    new.update(peft.init_from_base(run.model_config,
+                                   traverse_util.unflatten_dict({**have, **new}),
+                                   jax.random.fold_in(rng, 1)))
+  new = {path: jax.device_put(leaf, flat_shardings[path]) for path, leaf in new.items()}
   if missing:
     logging.info("new parameters (not in the source): %s",
-                 sorted({"/".join(p[-3:-1] if peft.is_lora_param(p) else p[:-1])
-                         for p in missing})[:8])
+                 sorted({"/".join(p[-3:-1] if len(p) > 2 else p[:-1]) for p in missing})[:8])
   return traverse_util.unflatten_dict({**have, **new})
 
 

@@ -122,7 +122,8 @@ def loss_sums(model, params, batch, rng=None, deterministic=True, chunk_size=Non
 
 
 def make_train_step(model, grad_accum_steps: int, dropout: bool,
-                    loss_chunk_size: int | None = None, flat_allreduce_mesh=None):
+                    loss_chunk_size: int | None = None, flat_allreduce_mesh=None,
+                    regularizer=None):
   """state, frozen, batch, rng -> (state, metrics).
 
   `loss_chunk_size`: compute the LM loss in chunks of that many tokens (see
@@ -135,11 +136,17 @@ def make_train_step(model, grad_accum_steps: int, dropout: bool,
 
   `flat_allreduce_mesh`: a data-parallel mesh (see summed_over_devices) on which each
   device computes its share and the gradients are summed as one flat vector.
+
+  `regularizer` (trainable params -> scalar, e.g. AdaLoRA's orthogonality penalty) is
+  added to the mean loss (each micro-batch adds it times its weight, so the sums still
+  divide into mean + regularizer); the "loss" metric includes it.
   """
 
   def loss_sum_fn(trainable, frozen, micro_batch, rng):
     total, weight = loss_sums(model, combine(trainable, frozen), micro_batch, rng,
                               deterministic=not dropout, chunk_size=loss_chunk_size)
+    if regularizer is not None:
+      total = total + weight * regularizer(trainable)
     return total, weight
 
   grad_fn = jax.value_and_grad(loss_sum_fn, has_aux=True)
