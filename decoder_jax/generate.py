@@ -15,11 +15,16 @@ best beam), and "samples" holding every sample or beam.
 --pretrained takes what decoder_jax.load_pretrained does: gguf:FILE, hf:DIR, or a
 directory written by `python -m decoder_jax.convert`. --chat sends each prompt as a user
 message through the tokenizer's chat template and prints the reply; generation stops at
-any of the tokenizer's end-of-sequence tokens.
+any of the tokenizer's end-of-sequence tokens. --chat without --prompt or --prompts_file
+is a conversation: each line read from stdin is the next user turn, answered with the
+conversation so far as context (the oldest turns dropped when it outgrows the context):
+
+  python -m decoder_jax.generate --workdir=W --chat --temperature=0.7 --max_new_tokens=60
 """
 
 import json
 import os
+import sys
 
 from absl import flags, logging
 
@@ -70,6 +75,9 @@ def main(argv):
     trained = inference.with_dtype(inference.load_trained(_WORKDIR.value), _DTYPE.value)
     logging.info("loaded step %d from %s", trained.step, _WORKDIR.value)
   chat = _CHAT.value
+  if chat and not _PROMPTS_FILE.value and not flags.FLAGS["prompt"].present:
+    _converse(trained, sampler)
+    return
   single = len(prompts) == 1 and _NUM_SAMPLES.value == 1 and _NUM_BEAMS.value == 1
   if single and not _STOP.value and not _MIN_NEW.value and not _OUTPUT.value:
     text = inference.complete(trained, prompts[0], max_new_tokens=_MAX_NEW.value,
@@ -90,6 +98,27 @@ def main(argv):
     for sample in result["samples"]:
       print(sample["text"] if chat else result["prompt"] + sample["text"])
       print("---")
+
+
+def _converse(trained, sampler) -> None:
+  """--chat without --prompt: each line on stdin is the user's next turn; the reply,
+  generated with the whole conversation so far as context, is printed after it."""
+  interactive = sys.stdin.isatty()
+  messages = []
+  while True:
+    if interactive:
+      sys.stderr.write("you> ")
+      sys.stderr.flush()
+    line = sys.stdin.readline()
+    if not line:  # end of input (Ctrl-D)
+      return
+    if not line.strip():
+      continue
+    messages.append({"role": "user", "content": line.strip()})
+    reply = inference.chat_reply(trained, messages, max_new_tokens=_MAX_NEW.value,
+                                 sampler=sampler, seed=_SEED.value + len(messages))
+    messages.append({"role": "assistant", "content": reply})
+    print(reply, flush=True)
 
 
 def _read_prompts() -> list[str]:

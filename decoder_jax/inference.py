@@ -272,15 +272,47 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
   return ids
 
 
-def encode_chat(tokenizer, text: str) -> list[int]:
-  """Token ids of `text` sent as one user message through the tokenizer's chat template,
+def encode_chat(tokenizer, text) -> list[int]:
+  """Token ids of `text` sent as one user message (or of `text`, a list of {"role",
+  "content"} messages: a conversation so far) through the tokenizer's chat template,
   ending with the cue for the assistant's reply. The template writes any BOS itself."""
   if not callable(getattr(tokenizer, "apply_chat_template", None)):
     raise ConfigError(f"a {type(tokenizer).__name__} has no chat template; chat needs a "
                       "pretrained chat model's tokenizer")
-  rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                           add_generation_prompt=True)
+  messages = [{"role": "user", "content": text}] if isinstance(text, str) else list(text)
+  rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
   return list(tokenizer.encode(rendered, add_special_tokens=False))
+
+
+def chat_reply(trained: TrainedModel, messages: list[dict], *, max_new_tokens: int, sampler,
+               seed: int = 0) -> str:
+  """The assistant's next turn after `messages` (a conversation of {"role", "content"}).
+  The oldest turns are left out (a system message kept) while the conversation and
+  max_new_tokens do not fit the context."""
+  context = trained.config.max_length - trained.config.prefix_length
+  if max_new_tokens < 1 or max_new_tokens >= context:
+    raise ConfigError(f"max_new_tokens must be in [1, {context}) for a chat reply, got "
+                      f"{max_new_tokens}")
+  kept = list(messages)
+  ids = encode_chat(trained.tokenizer, kept)
+  while len(ids) + max_new_tokens > context:
+    system = [m for m in kept[:1] if m["role"] == "system"]
+    rest = kept[len(system):]
+    if len(rest) <= 1:
+      raise ConfigError(f"the last message alone is {len(ids)} tokens: with "
+                        f"max_new_tokens={max_new_tokens} it does not fit the context "
+                        f"({context} tokens)")
+    kept = system + rest[1:]
+    ids = encode_chat(trained.tokenizer, kept)
+  ends = end_ids(trained.tokenizer)
+  # Further end ids stop like --stop tokens; None keeps the program of a single-eos tokenizer.
+  more_ends = np.asarray([ends[1:]], np.int32) if len(ends) > 1 else None  # [1, n]
+  prompt, length = pad_prompts([ids], max_width=context - max_new_tokens)  # bucketed width
+  result = generate_tokens(trained.params, prompt, length, jax.random.key(seed), more_ends,
+                           model_config=trained.config, max_new_tokens=max_new_tokens,
+                           sampler=sampler, eos_id=ends[0] if ends else None)
+  tokens = np.asarray(result.tokens[0, :int(result.lengths[0])]).tolist()
+  return trained.tokenizer.decode([t for t in tokens if t not in ends]).strip()
 
 
 def end_ids(tokenizer) -> list[int]:

@@ -10,6 +10,9 @@ reproduce prompts. Tasks:
   * ClassificationTask: mode "label_words" (the response is the label's one-token word,
     scored by the LM head at the answer position) or mode "head" (no response: a
     classification head reads the final prompt token).
+  * ChatTask: a conversation {"messages": [{"role", "content"}, ...]} rendered with the
+    tokenizer's chat template; every assistant turn (with its end-of-turn tokens)
+    carries loss, the rest does not (multi-turn: the weights mark several spans).
 
 Batches (numpy; B = this process's rows of the global batch, L = a bucket length):
   LM-style (sft, translation, label_words):
@@ -43,18 +46,20 @@ import numpy as np
 from absl import logging
 from ml_collections import config_dict
 
-from decoder_jax.data import task_sources
+from decoder_jax.data import chat_corpora, task_sources
 from decoder_jax.data.pipeline import (_READ_OPTIONS, _check_choice, _process_rows,
                                        fill_defaults)
-from decoder_jax.errors import ConfigError
+from decoder_jax.errors import ConfigError, NotFound
 
-KINDS = ("sft", "translation", "classification")
+KINDS = ("sft", "translation", "classification", "chat")
+CHAT_ROLES = ("system", "user", "assistant")
 MODES = ("label_words", "head")
 DEFAULT_TEMPLATES = {
     "sft": "{prompt}",
     "translation": "Translate {source_language} to {target_language}:\n{source}\n"
                    "{target_language}:",
     "classification": "Sentence: {text}\nSentiment:",
+    "chat": "{messages}",  # unused: the tokenizer's chat template renders a conversation
 }
 # Eval splits tried, in order, when task.eval_split is None.
 EVAL_SPLIT_NAMES = ("validation", "val", "dev", "test")
@@ -356,6 +361,75 @@ class ClassificationTask(Task):
     return self.label_words[self.label(example)] if self.label_words else ""
 
 
+def _check_messages(example: Mapping[str, Any]) -> list[dict]:
+  messages = example.get("messages")
+  if not isinstance(messages, list) or not messages:
+    raise ConfigError(f"A chat example needs a non-empty list \"messages\"; got fields "
+                      f"{sorted(example)}.")
+  for m in messages:
+    if (not isinstance(m, dict) or m.get("role") not in CHAT_ROLES
+        or not isinstance(m.get("content"), str)):
+      raise ConfigError(f"A chat message must be {{\"role\": one of {CHAT_ROLES}, "
+                        f"\"content\": text}}; got {m!r}.")
+  if not any(m["role"] == "assistant" for m in messages):
+    raise ConfigError("A chat example has no assistant turn, so nothing to learn from.")
+  return messages
+
+
+class ChatTask(Task):
+  """Chat fine-tuning: a conversation rendered with the tokenizer's chat template, loss on
+  every assistant turn. The generation prompt for evaluation is the conversation before
+  its last assistant turn, with the template's cue for a reply; the reference is that
+  turn's content."""
+
+  kind = "chat"
+  needs_eos = False  # the template ends each turn with its own tokens
+
+  def __init__(self, tokenizer, **kw):
+    kw.pop("use_chat_template", None)
+    super().__init__(tokenizer, PromptTemplate("{messages}"), use_chat_template=True, **kw)
+
+  def _ids(self, messages, generation_prompt: bool) -> list[int]:
+    text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt)
+    return _encode_many(self.tokenizer, [text], special=False)[0]
+
+  def encode_turns(self, example) -> tuple[list[int], list[bool]]:
+    """(tokens of the whole conversation, True where a token is part of an assistant
+    turn). Each turn's span is found by rendering the conversation up to it: the
+    template must render a conversation's start the same whatever follows."""
+    messages = _check_messages(example)
+    tokens = self._ids(messages, False)
+    mask = [False] * len(tokens)
+    for k, message in enumerate(messages):
+      if message["role"] != "assistant":
+        continue
+      before = self._ids(messages[:k], True) if k else []
+      upto = self._ids(messages[:k + 1], False)
+      if tokens[:len(upto)] != upto or upto[:len(before)] != before:
+        raise ConfigError("The tokenizer's chat template renders a conversation's start "
+                          "differently depending on what follows; assistant turns cannot "
+                          "be located for the loss.")
+      mask[len(before):len(upto)] = [True] * (len(upto) - len(before))
+    return tokens, mask
+
+  def _last_reply(self, example) -> int:
+    messages = _check_messages(example)
+    return max(k for k, m in enumerate(messages) if m["role"] == "assistant")
+
+  def prompts(self, examples):
+    return [self._ids(_check_messages(e)[:self._last_reply(e)], True) for e in examples]
+
+  def response_text(self, example):
+    return _check_messages(example)[self._last_reply(example)]["content"]
+
+  def reference(self, example) -> str:
+    return self.response_text(example)
+
+  def context(self, example) -> list[dict]:
+    """The messages before the last assistant turn (what a sampled reply answers)."""
+    return _check_messages(example)[:self._last_reply(example)]
+
+
 def make_task(task_config, tokenizer) -> Task:
   """The task a config describes; every setting is checked here, before data is read."""
   config = with_defaults(task_config)
@@ -368,6 +442,8 @@ def make_task(task_config, tokenizer) -> Task:
   if config.kind == "translation":
     return TranslationTask(tokenizer, template, src_lang=config.src_lang,
                            tgt_lang=config.tgt_lang, **common)
+  if config.kind == "chat":
+    return ChatTask(tokenizer, eos_id=config.eos_id, response_prefix=config.response_prefix)
   return ClassificationTask(tokenizer, config.label_names, template, mode=config.mode,
                             label_words=config.label_words, **common)
 
@@ -384,6 +460,9 @@ class EncodedExamples:
   labels: np.ndarray  # int32 [count]; 0 when the task has none.
   lm_style: bool
   stats: dict[str, int]
+  # Chat: each bool [n], True where the token carries loss (as a target); None: every
+  # token from prompt_lens on does.
+  loss_masks: list[np.ndarray] | None = None
 
   @property
   def lengths(self) -> np.ndarray:
@@ -413,6 +492,8 @@ def encode_examples(task: Task, examples: Sequence[Mapping[str, Any]], max_lengt
   """Tokenizes, truncates (counting it) and stores one split."""
   if max_length < 2:
     raise ConfigError(f"task.max_length must be at least 2; got {max_length}.")
+  if isinstance(task, ChatTask):
+    return _encode_chats(task, examples, max_length, name)
   labels = ([task.label(e) for e in examples] if isinstance(task, ClassificationTask)
             else [0] * len(examples))
   tokens, prompt_lens, kept_labels = [], [], []
@@ -436,6 +517,31 @@ def encode_examples(task: Task, examples: Sequence[Mapping[str, Any]], max_lengt
       "than max_length=%d).", name, len(examples), truncated, dropped, max_length)
   return EncodedExamples(tokens, np.asarray(prompt_lens, np.int32),
                          np.asarray(kept_labels, np.int32), task.lm_style, stats)
+
+
+def _encode_chats(task: "ChatTask", examples, max_length: int, name: str) -> EncodedExamples:
+  """Conversations cut from the right to max_length + 1 tokens (a conversation's start is
+  where its template begins); dropped when no assistant token is left."""
+  tokens, masks = [], []
+  truncated = dropped = 0
+  for example in examples:
+    ids, mask = task.encode_turns(example)
+    if len(ids) > max_length + 1:
+      ids, mask = ids[:max_length + 1], mask[:max_length + 1]
+      truncated += 1
+    if not any(mask[1:]):
+      dropped += 1
+      continue
+    tokens.append(np.asarray(ids, np.int32))
+    masks.append(np.asarray(mask, bool))
+  stats = {"examples": len(examples), "kept": len(tokens), "truncated": truncated,
+           "dropped": dropped}
+  logging.info("Task %s: %d conversations, %d cut from the right at max_length=%d, %d "
+               "dropped (no assistant token left).", name, len(examples), truncated,
+               max_length, dropped)
+  count = len(tokens)
+  return EncodedExamples(tokens, np.ones(count, np.int32), np.zeros(count, np.int32), True,
+                         stats, masks)
 
 
 # ----------------------------------------------------------------------------- batches
@@ -472,7 +578,10 @@ def collate(data: EncodedExamples, ids: np.ndarray, length: int, pad_id: int,
       seq, p = data.tokens[i], data.prompt_lens[i]
       n = len(seq) - 1
       inputs[row, :n], targets[row, :n] = seq[:-1], seq[1:]
-      weights[row, p - 1:n] = 1.0  # targets[j] = seq[j + 1] is a response token iff j >= p-1
+      if data.loss_masks is not None:  # chat: the assistant turns' tokens
+        weights[row, :n] = data.loss_masks[i][1:]
+      else:  # targets[j] = seq[j + 1] is a response token iff j >= p-1
+        weights[row, p - 1:n] = 1.0
       labels[row], answer_index[row] = data.labels[i], p - 1
     batch = {"inputs": inputs, "targets": targets, "weights": weights}
     if label_words:
@@ -604,12 +713,19 @@ def with_defaults(task_config) -> ml_collections.ConfigDict:
 
 def _split_names(config) -> list[str] | None:
   """The local data's splits (None for a catalog dataset)."""
+  if chat_corpora.is_corpus(config.source):
+    return list(chat_corpora.SPLITS)
   if not task_sources.is_local(config.source):
     return None
   if config.kind == "classification":
     return sorted(task_sources.tsv_files(config.source))
-  if config.kind == "sft" and task_sources.has_jsonl(config.source, config.train_split):
+  if config.kind in ("sft", "chat") and task_sources.has_jsonl(config.source,
+                                                             config.train_split):
     return task_sources.jsonl_splits(config.source)
+  if config.kind == "chat":
+    raise NotFound(f"{config.source} holds no {config.train_split}.jsonl[.gz]: a chat "
+                   "task reads {split}.jsonl files of {\"messages\": [...]} objects, or "
+                   f"task.source={chat_corpora.CHITCHAT!r}")
   return sorted(task_sources.parallel_files(config.source, config.src_lang, config.tgt_lang))
 
 
@@ -629,6 +745,13 @@ def _eval_splits(config) -> list[str]:
 def load_examples(config, split: str, max_examples: int | None) -> list[dict]:
   """Raw examples of one split as the task kind reads them."""
   common = dict(data_dir=config.tfds_data_dir, max_examples=max_examples)
+  if config.kind == "chat":
+    if chat_corpora.is_corpus(config.source):
+      return chat_corpora.load(config.source, split, max_examples=max_examples)
+    if not task_sources.is_local(config.source):
+      raise ConfigError(f"a chat task reads a directory of {{split}}.jsonl files or "
+                        f"{chat_corpora.CHITCHAT!r}; got task.source={config.source!r}")
+    return task_sources.load_jsonl(config.source, split, max_examples=max_examples)
   if config.kind == "classification":
     return task_sources.load_labelled(config.source, split, config.label_names,
                                       label_field=config.label_field,
@@ -652,6 +775,8 @@ def _eval_examples(task: Task, examples: list[dict], max_length: int) -> list[di
       item.update(reference=task.reference(example))
       if isinstance(task, TranslationTask):
         item["source"] = example["source"]
+      if isinstance(task, ChatTask):
+        item["context"] = task.context(example)
     out.append(item)
   return out
 

@@ -106,8 +106,13 @@ def merged_model(run, params):
 
 def evaluate(config, workdir: str | None, *, zero_shot: bool = False, weights: str = "best",
              split=None, source_file=None, reference_file=None, tsv_file=None, num_beams=None,
-             max_new_tokens=None, max_examples=None, output=None, config_name=None) -> dict:
-  """The metrics of the run in `workdir` (or the pretrained model) on one evaluation set."""
+             max_new_tokens=None, max_examples=None, output=None, config_name=None,
+             num_replies: int = 3) -> dict:
+  """The metrics of the run in `workdir` (or the pretrained model) on one evaluation set.
+
+  A chat task reports the perplexity of the assistant turns and `num_replies` greedy
+  replies to held-out conversations, beside the replies the people wrote.
+  """
   from decoder_jax.data import tasks
   from decoder_jax.evaluation import task_eval
 
@@ -124,7 +129,15 @@ def evaluate(config, workdir: str | None, *, zero_shot: bool = False, weights: s
   start = time.perf_counter()
   result = {"config": config_name, "examples_from": where, **scored}
   task = run.datasets.task
-  if isinstance(task, tasks.ClassificationTask):
+  if isinstance(task, tasks.ChatTask):
+    import math
+
+    result["loss"] = _mean_loss(run.model, params, eval_set.batch_list)
+    result.update(perplexity=math.exp(min(result["loss"], 50.0)),
+                  examples=len(eval_set.examples),
+                  replies=_sampled_replies(run, params, eval_set.examples[:num_replies],
+                                           eval_config.max_new_tokens))
+  elif isinstance(task, tasks.ClassificationTask):
     predictions, labels, loss = task_eval.classification_predictions(
         run.model, params, task, (dict(b) for b in eval_set.batch_list))
     from decoder_jax.evaluation import metrics
@@ -151,6 +164,27 @@ def evaluate(config, workdir: str | None, *, zero_shot: bool = False, weights: s
                               "reference": example["reference"]}, ensure_ascii=False) + "\n")
   result["seconds"] = round(time.perf_counter() - start, 1)
   return result
+
+
+def _sampled_replies(run, params, examples, max_new_tokens: int) -> list[dict]:
+  """Greedy replies to each example's context (the conversation before its last
+  assistant turn)."""
+  from decoder_jax import decoding, inference
+
+  if not examples:
+    return []
+  trained = merged_model(run, params)
+  ends = inference.end_ids(run.tokenizer)
+  out = inference.generate_ids(trained, [list(e["prompt_ids"]) for e in examples],
+                               max_new_tokens=max_new_tokens, sampler=decoding.Greedy(),
+                               stop_ids=ends[1:], eos_id=ends[0] if ends else None)
+  replies = []
+  for example, [(tokens, length, _)] in zip(examples, out):
+    ids = [int(t) for t in tokens[:length] if int(t) not in ends]
+    replies.append({"said": example["context"][-1]["content"],
+                    "reply": run.tokenizer.decode(ids).strip(),
+                    "reference": example["reference"]})
+  return replies
 
 
 def _mean_loss(model, params, batches) -> float:

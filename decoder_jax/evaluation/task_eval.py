@@ -33,7 +33,8 @@ def default_eval_config() -> ml_collections.ConfigDict:
   return config
 
 
-HIGHER_IS_BETTER = {"bleu": True, "accuracy": True, "macro_f1": True, "loss": False}
+HIGHER_IS_BETTER = {"bleu": True, "accuracy": True, "macro_f1": True, "loss": False,
+                    "perplexity": False}
 
 
 def plain_model(model_config: ModelConfig, params):
@@ -105,9 +106,11 @@ def evaluate_task(model: Decoder, params, tokenizer, datasets: tasks_lib.TaskDat
                   eval_config, split: str | None = None) -> dict[str, float]:
   """{"bleu"} for generation tasks (translation, sft) or {"loss", "accuracy", "macro_f1"}
   for classification (one forward pass gives all three), on `split` (default: the main
-  eval split)."""
+  eval split); nothing for chat (the eval loss measures it)."""
   task = datasets.task
   split = split or datasets.eval_split
+  if isinstance(task, tasks_lib.ChatTask):
+    return {}  # the loss on the assistant turns is the measure (perplexity: its exp)
   if isinstance(task, tasks_lib.ClassificationTask):
     predictions, labels, loss = classification_predictions(model, params, task,
                                                            datasets.eval_batches(split))

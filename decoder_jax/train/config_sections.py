@@ -127,7 +127,7 @@ def method_section(method: str, num_steps: int, lora_rank: int = 16,
 # pretrained weights, so it is the smallest; a soft prompt is a few thousand numbers
 # steering the whole model and takes the largest (PEFT's examples use 3e-2).
 LEARNING_RATES = {"full": 2e-5, "lora": 5e-4, "adalora": 1e-3, "adapter": 1e-3,
-                  "prompt": 3e-2, "prefix": 5e-3}
+                  "prompt": 3e-2, "prefix": 3e-4}
 
 
 def finetune_config(*, method: str, cpu: bool, task, train, eval_section,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import itertools
 import json
+import math
 import os
 import signal
 import time
@@ -281,6 +282,8 @@ class TaskEvaluator:
                                                  self.eval_config))
     if "loss" not in found:
       found["loss"] = eval_loss_fn()
+    if self.run.task is not None and self.run.task.kind == "chat":
+      found["perplexity"] = math.exp(min(found["loss"], 50.0))  # per assistant token
     if self.metric not in found:
       raise ConfigError(f"eval.metric={self.metric!r} is not measured for this run; it "
                         f"measures {sorted(found)}")
