@@ -17,6 +17,7 @@ from flax import traverse_util
 
 from conftest import REPO
 from decoder_jax import decoding, inference, peft
+from decoder_jax.errors import ConfigError
 from decoder_jax.evaluation import generation, metrics
 from decoder_jax.model import Decoder, ModelConfig
 from decoder_jax.train import checkpoint, loop, sharding, state as state_lib, steps
@@ -288,3 +289,42 @@ def test_peft_run_checkpoints_only_its_parameters_and_restores(method, task_data
   if method == "adalora":  # t_final=1: the last step pruned to the target budget
     assert peft.adalora.live_singular_values(params) == (
         config.model.adalora.target_rank * peft.adalora.num_triplets(run.model_config))
+
+
+@pytest.mark.parametrize("method, fields, message", [
+    ("prompt", dict(length=250), r"model.prompt.length=250 plus the sequence length \(48\) "
+                                 r"exceeds the model's context \(max_length=256\)"),
+    ("adalora", dict(init_rank=4, target_rank=6), r"target_rank=6 exceeds init_rank=4"),
+    ("adalora", dict(init_rank=4, target_rank=2, targets=("attn/.*", "ffn/up")),
+     r"pattern 'ffn/up' matches no Dense module"),
+    ("adalora", dict(init_rank=4, target_rank=2, t_init=3, t_final=1),
+     r"t_init \(3\) \+ t_final \(1\) must be below train.num_steps \(4\)"),
+    ("adapter", dict(size=0), r"model.adapter.size must be an integer >= 1"),
+])
+def test_bad_method_settings_fail_before_anything_is_written(method, fields, message,
+                                                             task_data_dir, tmp_path,
+                                                             tiny_pretrained):
+  config = sst2_config(task_data_dir, tmp_path, tiny_pretrained, method)
+  getattr(config.model, method).update(fields)
+  with pytest.raises(ConfigError, match=message):
+    loop.train_and_evaluate(config, str(tmp_path / "w"))
+  assert not os.path.exists(tmp_path / "w")
+
+
+@pytest.mark.parametrize("name", ["smollm2_sst2", "smollm2_multi30k", "smollm2_chat"])
+def test_task_configs_take_every_method(name):
+  import importlib
+
+  sys.path.insert(0, str(REPO))
+  module = importlib.import_module(f"configs.{name}")
+  from decoder_jax.train import config_sections, init_from
+  for method in config_sections.FINETUNE_METHODS:
+    for arg in (method, f"{method},cpu"):
+      config = module.get_config(arg)
+      chosen = [m for m in init_from.PEFT_FIELDS if config.model.get(m) is not None]
+      assert chosen == ([] if method == "full" else [method]), (arg, chosen)
+      # The section builds the method's config (every field known, values valid).
+      ModelConfig.from_dict({**ModelConfig().to_dict(), **{
+          m: config.model[m].to_dict() for m in chosen}})
+  with pytest.raises(ConfigError, match="give one of full, lora, adalora"):
+    module.get_config("loar,cpu")

@@ -131,7 +131,7 @@ def test_base_params_must_fit_the_config():
   scanned = with_lora(dataclasses.replace(config, scan_layers=True))
   with pytest.raises(ValueError, match="no kernel at blocks/attn/key"):
     peft.check_targets(scanned, base)
-  with pytest.raises(ValueError, match="already hold LoRA"):
+  with pytest.raises(ValueError, match="already hold lora leaves"):
     peft.init_lora_params(lora_config, setup("llama_untied")[3], jax.random.key(0))
 
 
@@ -209,7 +209,7 @@ def test_split_with_a_head_and_count():
   head_too = lambda path, leaf: peft.is_lora_param(path) or path[0] == "cls_head"
   trainable, frozen = peft.split(params, head_too)
   assert set(trainable) == {"block_0", "block_1", "cls_head"} and "cls_head" not in frozen
-  lora, total = peft.count(fresh)
+  lora, total = peft.count(fresh, peft.is_lora_param)
   rank = 4  # per layer: q, o (32 <-> 32), k, v (32 -> 16), gate, up (32 -> 128), down (128 -> 32)
   per_layer = rank * (2 * (32 + 32) + 2 * (32 + 16) + 2 * (32 + 128) + (128 + 32))
   assert lora == 2 * per_layer

@@ -94,7 +94,7 @@ def add_fresh_leaves(config: ModelConfig, base_params, is_new: Callable, rng):
   base = traverse_util.flatten_dict(base_params)
   already = [p for p in base if is_new(p)]
   if already:
-    raise ValueError(f"base_params already hold this method's leaves, e.g. "
+    raise ValueError(f"base_params already hold {config.peft_method} leaves, e.g. "
                      f"{'/'.join(already[0])}; merge or drop them first")
   boxed = any(isinstance(leaf, meta.AxisMetadata) for leaf in base.values())
   tokens = jnp.zeros((1, 1), jnp.int32)
