@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import traverse_util
 
 from decoder_jax import inference, peft
 from decoder_jax.errors import ConfigError
@@ -193,7 +194,6 @@ def test_cached_decoding_matches_full_forward_on_a_ragged_batch(method, arch):
   """Greedy decoding with the KV cache (the prefix kept out of it) gives the tokens a
   full forward pass picks, for each row of a ragged batch."""
   config, params = method_setup(method, arch)
-  params = jax.tree.map(lambda x: x * 1.0, params)
   prompts = [[5, 9, 2, 33, 7], [11, 4]]
   trained_model = inference.TrainedModel(config, params, None)
   out = inference.generate_ids(trained_model, prompts, max_new_tokens=6,
@@ -244,19 +244,18 @@ def test_pruning_keeps_the_highest_scores_and_ends_at_the_target():
   assert peft.adalora.live_singular_values(state.params) == 2 * modules
   # They are the budget's best triplets by eq. 11: EMA importance times EMA uncertainty,
   # E's score plus the mean of its P column's and Q row's.
-  imp = jax.tree_util.tree_flatten_with_path(state.opt_state.importance)[0]
-  unc = dict((jax.tree_util.keystr(p), np.asarray(v)) for p, v in
-             jax.tree_util.tree_flatten_with_path(state.opt_state.uncertainty)[0])
-  score = {jax.tree_util.keystr(p): np.asarray(v) * unc[jax.tree_util.keystr(p)] for p, v in imp}
+  imp = traverse_util.flatten_dict(state.opt_state.importance)
+  unc = traverse_util.flatten_dict(state.opt_state.uncertainty)
+  values = traverse_util.flatten_dict(state.params)
+  score = {path: np.asarray(imp[path]) * np.asarray(unc[path]) for path in imp}
   triplet, live = [], []
-  for key in sorted(k for k in score if k.endswith("['adalora_e']")):
-    stem = key[:-len("['adalora_e']")]
-    triplet.append(score[key] + score[stem + "['adalora_p']"].mean(-2)
-                   + score[stem + "['adalora_q']"].mean(-1))
-    e = np.asarray(eval("state.params" + key))  # noqa: S307 (a key path of our own tree)
-    live.append(e != 0)
-  triplet, live = np.concatenate([t.ravel() for t in triplet]), np.concatenate(
-      [x.ravel() for x in live])
+  for module in sorted({path[:-1] for path in score if path[-1] == "adalora_e"}):
+    triplet.append(score[module + ("adalora_e",)] + score[module + ("adalora_p",)].mean(-2)
+                   + score[module + ("adalora_q",)].mean(-1))  # [layers, r]
+    live.append(np.asarray(values[module + ("adalora_e",)]) != 0)
+  triplet = np.concatenate([t.ravel() for t in triplet])
+  live = np.concatenate([x.ravel() for x in live])
+  assert live.sum() == 2 * modules
   assert triplet[live].min() >= triplet[~live].max()
 
 
