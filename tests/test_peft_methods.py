@@ -2,7 +2,6 @@
 base, optimizer state), adapter-only checkpoints, merging, decoding, AdaLoRA's schedule
 and pruning against the paper's definitions, and the hyper-parameters refused."""
 
-import dataclasses
 import functools
 import math
 
@@ -14,9 +13,9 @@ import optax
 import pytest
 from flax import traverse_util
 
-from decoder_jax import inference, peft
+from decoder_jax import decoding, inference, peft
 from decoder_jax.errors import ConfigError
-from decoder_jax.model import Decoder, ModelConfig, init_cache
+from decoder_jax.model import Decoder, ModelConfig
 from decoder_jax.train import checkpoint, sharding, state as state_lib, steps
 
 ARCH = {
@@ -197,7 +196,7 @@ def test_cached_decoding_matches_full_forward_on_a_ragged_batch(method, arch):
   prompts = [[5, 9, 2, 33, 7], [11, 4]]
   trained_model = inference.TrainedModel(config, params, None)
   out = inference.generate_ids(trained_model, prompts, max_new_tokens=6,
-                               sampler=inference.decoding.Greedy())
+                               sampler=decoding.Greedy())
   for prompt, [(tokens, length, _)] in zip(prompts, out):
     seq = list(prompt)
     for _ in range(6):
