@@ -5,7 +5,6 @@ and pruning against the paper's definitions, and the hyper-parameters refused.""
 import functools
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +16,7 @@ from decoder_jax import decoding, inference, peft
 from decoder_jax.errors import ConfigError
 from decoder_jax.model import Decoder, ModelConfig
 from decoder_jax.train import checkpoint, sharding, state as state_lib, steps
+from test_peft import random_params
 
 ARCH = {
     "llama": dict(family="llama", num_kv_heads=2, use_bias=False),
@@ -40,14 +40,8 @@ def tiny(arch="llama", **fields) -> ModelConfig:
 
 @functools.lru_cache(maxsize=None)
 def base_params(arch):
-  """Random base weights (numpy noise on eval_shape's shapes: init compiles slowly)."""
-  config = tiny(arch)
-  rng = np.random.default_rng(1)
-  shapes = nn.unbox(jax.eval_shape(lambda: Decoder(config).init(
-      jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"])
-  return jax.tree_util.tree_map_with_path(
-      lambda path, s: jnp.asarray((path[-1].key == "scale") + 0.1 * rng.standard_normal(s.shape),
-                                  jnp.float32), shapes)
+  """Random base weights of tiny(arch) (test_peft's numpy noise: init compiles slowly)."""
+  return random_params(tiny(arch), seed=1)
 
 
 @functools.lru_cache(maxsize=None)

@@ -110,6 +110,20 @@ def add_fresh_leaves(config: ModelConfig, base_params, is_new: Callable, rng):
   return traverse_util.unflatten_dict({**base, **new})
 
 
+def add_leaves_from_base(config: ModelConfig, base_params, is_new: Callable,
+                         init_from_base: Callable, rng):
+  """add_fresh_leaves, then the leaves init_from_base(config, params, rng) -> {path: value}
+  returns replaced by those values (kept in their boxes when boxed): for methods whose
+  start depends on the pretrained weights."""
+  fresh_rng, init_rng = jax.random.split(rng)
+  params = add_fresh_leaves(config, base_params, is_new, fresh_rng)
+  flat = traverse_util.flatten_dict(params)
+  for path, value in init_from_base(config, params, init_rng).items():
+    box = flat[path]
+    flat[path] = box.replace_boxed(value) if hasattr(box, "replace_boxed") else value
+  return traverse_util.unflatten_dict(flat)
+
+
 def split(params, predicate: Callable[[Path, Any], bool]):
   """(trainable, frozen): the leaves where predicate(path, leaf) holds, and the rest.
 

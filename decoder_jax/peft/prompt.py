@@ -16,7 +16,7 @@ from flax import traverse_util
 
 from decoder_jax.errors import ConfigError
 from decoder_jax.model.config import ModelConfig
-from decoder_jax.peft.common import add_fresh_leaves, name_of
+from decoder_jax.peft.common import add_leaves_from_base, name_of
 
 LEAF = "prompt_embeddings"
 
@@ -47,13 +47,7 @@ def init_from_base(config: ModelConfig, params, rng) -> dict:
 
 def init_params(config: ModelConfig, base_params, rng):
   """`base_params` plus the soft prompt (initialised per config.prompt.init)."""
-  fresh_rng, init_rng = jax.random.split(rng)
-  params = add_fresh_leaves(config, base_params, is_param, fresh_rng)
-  flat = traverse_util.flatten_dict(params)
-  for path, value in init_from_base(config, params, init_rng).items():
-    box = flat[path]
-    flat[path] = box.replace_boxed(value) if hasattr(box, "replace_boxed") else value
-  return traverse_util.unflatten_dict(flat)
+  return add_leaves_from_base(config, base_params, is_param, init_from_base, rng)
 
 
 def merge(params, config: ModelConfig):
