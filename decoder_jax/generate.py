@@ -6,11 +6,21 @@
       --prompt="What is the capital of France?" --max_new_tokens=40 --temperature=0
   python -m decoder_jax.generate --workdir=DIR --prompts_file=prompts.txt --num_beams=4 \\
       --max_new_tokens=32 --output=out.jsonl
+  python -m decoder_jax.generate --pretrained=fetch:smollm2-135m-instruct --prompts_file=P \\
+      --stop="\\n\\n" --stop="User:" --temperature=0 --draft_layers=10 --num_draft=4
 
-One prompt with one sample may run past the model's context (window by window); a batch
-(--prompts_file, --num_samples, --num_beams) must fit the context. --output writes one
-JSON object per prompt: {"prompt", "text", "tokens", "logprob"} for the first sample (the
-best beam), and "samples" holding every sample or beam.
+Every prompt, alone or in a batch (--prompts_file, --num_samples), may run past the
+model's context: when a window is full its last half becomes the next window's prompt, and
+each prompt of a batch comes out as it would alone (with the same --seed). Beam search
+keeps its output in one window, so a long prompt keeps its last tokens. --stop takes
+strings of any length (repeatable); the text is cut before the first one. --num_samples
+prefills each prompt once and copies its cache to the samples. --draft_layers=N (the
+model's first N layers), --draft_pretrained or --draft_workdir decode speculatively:
+the draft proposes --num_draft tokens, the model keeps those it would have drawn itself
+(the same distribution; greedy gives the same tokens), for prompts that fit the context
+with max_new_tokens + num_draft. --output writes one JSON object per prompt: {"prompt",
+"text", "tokens", "logprob", "finish_reason"} for the first sample (the best beam), and
+"samples" holding every sample or beam.
 
 --pretrained takes what decoder_jax.load_pretrained does: gguf:FILE, hf:DIR, or a
 directory written by `python -m decoder_jax.convert`. --chat sends each prompt as a user
@@ -24,6 +34,7 @@ conversation so far as context (the oldest turns dropped when it outgrows the co
 
 import json
 import os
+import re
 import sys
 
 from absl import flags, logging
@@ -52,9 +63,19 @@ _TOP_P = flags.DEFINE_float("top_p", 1.0, "nucleus: the likeliest tokens holding
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "samples per prompt")
 _NUM_BEAMS = flags.DEFINE_integer("num_beams", 1, "beam search with this many beams (> 1)")
 _LENGTH_PENALTY = flags.DEFINE_float("length_penalty", 1.0, "beam score = logprob / length**this")
-_STOP = flags.DEFINE_multi_string("stop", [], "stop after this token (one token each; repeatable)")
+_STOP = flags.DEFINE_multi_string("stop", [], "stop at this string, any length, and cut the "
+                                  "text before it (repeatable); \\n, \\t and \\\\ are "
+                                  "a newline, a tab and a backslash")
 _SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
+_DRAFT_LAYERS = flags.DEFINE_integer("draft_layers", None, "speculative decoding with the "
+                                     "model's own first N layers as the draft")
+_DRAFT_PRETRAINED = flags.DEFINE_string("draft_pretrained", None, "speculative decoding with "
+                                        "this pretrained model as the draft (as --pretrained)")
+_DRAFT_WORKDIR = flags.DEFINE_string("draft_workdir", None, "speculative decoding with this "
+                                     "training workdir's model as the draft")
+_NUM_DRAFT = flags.DEFINE_integer("num_draft", 4, "tokens the draft proposes per target pass")
 flags.mark_flags_as_mutual_exclusive(["workdir", "pretrained"], required=True)
+flags.mark_flags_as_mutual_exclusive(["draft_layers", "draft_pretrained", "draft_workdir"])
 
 
 def main(argv):
@@ -78,26 +99,44 @@ def main(argv):
   if chat and not _PROMPTS_FILE.value and not flags.FLAGS["prompt"].present:
     _converse(trained, sampler)
     return
-  single = len(prompts) == 1 and _NUM_SAMPLES.value == 1 and _NUM_BEAMS.value == 1
-  if single and not _STOP.value and not _MIN_NEW.value and not _OUTPUT.value:
-    text = inference.complete(trained, prompts[0], max_new_tokens=_MAX_NEW.value,
-                              sampler=sampler, seed=_SEED.value, chat=chat)
-    print(text if chat else prompts[0] + text)
-    return
   results = inference.generate_batch(
       trained, prompts, max_new_tokens=_MAX_NEW.value, sampler=sampler, seed=_SEED.value,
       num_samples=_NUM_SAMPLES.value, num_beams=_NUM_BEAMS.value,
-      min_new_tokens=_MIN_NEW.value, stop=tuple(_STOP.value),
-      length_penalty=_LENGTH_PENALTY.value, chat=chat)
+      min_new_tokens=_MIN_NEW.value, stop=tuple(unescape(s) for s in _STOP.value),
+      length_penalty=_LENGTH_PENALTY.value, chat=chat, draft=_load_draft(trained),
+      num_draft=_NUM_DRAFT.value)
   lines = [json.dumps({"prompt": r["prompt"], **r["samples"][0], "samples": r["samples"]})
            for r in results]
   if _OUTPUT.value:
     with open(_OUTPUT.value, "w", encoding="utf-8") as f:
       f.write("\n".join(lines) + "\n")
+  several = len(results) > 1 or len(results[0]["samples"]) > 1
   for result in results:
     for sample in result["samples"]:
       print(sample["text"] if chat else result["prompt"] + sample["text"])
-      print("---")
+      if several:  # one text alone prints as the text only
+        print("---")
+
+
+def unescape(text: str) -> str:
+  """A --stop value with \\n, \\t and \\\\ written out (a shell passes them as typed)."""
+  return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)],
+                text)
+
+
+def _load_draft(trained):
+  """The draft model of --draft_layers / --draft_pretrained / --draft_workdir, or None."""
+  if _DRAFT_LAYERS.value is not None:
+    return inference.self_draft(trained, _DRAFT_LAYERS.value)
+  if _DRAFT_PRETRAINED.value:
+    from decoder_jax import pretrained
+    draft = pretrained.load_pretrained(_DRAFT_PRETRAINED.value, dtype=_DTYPE.value)
+  elif _DRAFT_WORKDIR.value:
+    draft = inference.with_dtype(inference.load_trained(_DRAFT_WORKDIR.value), _DTYPE.value)
+  else:
+    return None
+  logging.info("draft model: %d layers", draft.config.num_layers)
+  return draft
 
 
 def _converse(trained, sampler) -> None:

@@ -12,8 +12,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import itertools
 import json
 import os
+import threading
+from typing import Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -22,6 +25,7 @@ import ml_collections
 import numpy as np
 
 from decoder_jax import decoding, progress
+from decoder_jax.decoding import speculative
 from decoder_jax.data import tokenizers
 from decoder_jax.errors import ConfigError, NotFound
 from decoder_jax.model import Decoder, ModelConfig, init_cache, layers, resize_cache
@@ -158,20 +162,32 @@ def pad_prompts(token_lists, bucket: bool = True, pad_id: int = 0, max_width: in
   return prompts, np.asarray([len(t) for t in token_lists], np.int32)
 
 
+def context_room(model_config: ModelConfig) -> int:
+  """Positions a window of tokens may fill: max_length less a soft prompt's or prefix's."""
+  return model_config.max_length - model_config.prefix_length
+
+
 def check_request(model_config: ModelConfig, prompt_length: int, max_new_tokens: int,
                   min_new_tokens: int = 0, num_beams: int = 1, num_samples: int = 1) -> None:
-  """Raises ConfigError for a request that cannot run, before anything is compiled."""
+  """Raises ConfigError for a request that cannot run, before anything is compiled.
+
+  Sampled and greedy requests of any length run, window by window (generate_ids); beam
+  search keeps its output in one window, so its max_new_tokens must leave room for at
+  least one prompt token (a longer prompt keeps its last tokens)."""
   check_settings(max_new_tokens, min_new_tokens, num_beams, num_samples)
   if prompt_length < 1:
     raise ConfigError("a prompt is empty and the tokenizer has no BOS token to start from")
-  room = model_config.max_length - model_config.prefix_length  # a soft prompt takes some
-  if prompt_length + max_new_tokens > room:
+  room = context_room(model_config)
+  if room < 2:
+    raise ConfigError(f"the model's context (max_length={model_config.max_length}) leaves "
+                      f"{room} positions after its soft prompt or prefix; decoding needs 2")
+  if num_beams > 1 and max_new_tokens >= room:
     raise ConfigError(
-        f"a prompt of {prompt_length} tokens plus max_new_tokens={max_new_tokens} does not fit "
-        f"the model's context (max_length={model_config.max_length}"
+        f"beam search with max_new_tokens={max_new_tokens} does not fit the model's context "
+        f"(max_length={model_config.max_length}"
         + (f", of which the soft prompt or prefix takes {model_config.prefix_length}"
            if model_config.prefix_length else "")
-        + "); shorten the prompt or ask for fewer tokens")
+        + f"): beams are not windowed, so ask for fewer than {room} tokens")
 
 
 def check_settings(max_new_tokens: int, min_new_tokens: int = 0, num_beams: int = 1,
@@ -210,18 +226,39 @@ def _model_fns(model_config: ModelConfig, params):
   return tokens_to_logits, prefill_to_logits
 
 
-def _empty_cache(model_config: ModelConfig, prompts, max_new_tokens: int):
-  return init_cache(model_config, prompts.shape[0], prompts.shape[1] + max_new_tokens,
-                    jnp.dtype(model_config.dtype))
+def _empty_cache(model_config: ModelConfig, rows: int, length: int):
+  return init_cache(model_config, rows, length, jnp.dtype(model_config.dtype))
+
+
+# decoding.generate's on_step for streamed calls: the handler registered under the call's
+# tag (an int32 operand, so every streamed call shares one compiled program).
+_STREAM_HANDLERS: dict[int, Callable] = {}
+_STREAM_LOCK = threading.Lock()
+_NEXT_TAG = itertools.count(1)
+
+
+def _dispatch_stream(step, tokens, emitted, tag):
+  handler = _STREAM_HANDLERS.get(int(tag))
+  if handler is not None:
+    handler(np.asarray(tokens), np.asarray(emitted))
 
 
 @functools.partial(jax.jit, static_argnames=("model_config", "max_new_tokens", "sampler",
-                                             "eos_id", "min_new_tokens", "cache_block"))
+                                             "eos_id", "cache_block", "num_samples",
+                                             "cache_length", "stream"))
 def generate_tokens(params, prompts, prompt_lengths, rng, stop_ids=None, *,
                     model_config: ModelConfig, max_new_tokens: int, sampler, eos_id=None,
-                    min_new_tokens: int = 0,
-                    cache_block: int | None = None) -> decoding.DecodeResult:
+                    min_new_tokens=0, cache_block: int | None = None, num_samples: int = 1,
+                    budgets=None, cache_length: int | None = None, stop_strings=None,
+                    stop_state=None, stream: bool = False,
+                    stream_tag=None) -> decoding.DecodeResult:
   """Samples after right-padded prompts [batch, length] with a KV cache: one program.
+
+  The arguments after `eos_id` are decoding.generate's: min_new_tokens (an int or one per
+  row), num_samples (rows per prompt, sharing its prefill), budgets, stop_strings and
+  stop_state; `cache_length` (default prompts' width + max_new_tokens) sizes the cache
+  for rows whose budgets end them sooner; `stream` (with an int32 `stream_tag`) calls the
+  handler registered under the tag in _STREAM_HANDLERS with each step's tokens.
 
   `cache_block`: grow the cache this many slots at a time (decoding.generate). Every step
   reads its whole cache, so this reads fewer slots, but compiles one loop body per stage:
@@ -229,11 +266,17 @@ def generate_tokens(params, prompts, prompt_lengths, rng, stop_ids=None, *,
   compile 8.7 -> 29 s. Worth it when one program decodes many batches. None: one
   full-length cache."""
   tokens_to_logits, prefill_to_logits = _model_fns(model_config, params)
-  return decoding.generate(tokens_to_logits, _empty_cache(model_config, prompts, max_new_tokens),
+  length = cache_length or prompts.shape[1] + max_new_tokens
+  return decoding.generate(tokens_to_logits, _empty_cache(model_config, prompts.shape[0], length),
                            prompts, prompt_lengths, max_new_tokens=max_new_tokens,
                            sampler=sampler, rng=rng, eos_id=eos_id, stop_ids=stop_ids,
                            min_new_tokens=min_new_tokens, prefill_to_logits=prefill_to_logits,
-                           cache_block=cache_block, resize_cache=resize_cache)
+                           cache_block=cache_block, resize_cache=resize_cache,
+                           num_samples=num_samples,
+                           cache_batch_axis=1 if model_config.scan_layers else 0,
+                           budgets=budgets, stop_strings=stop_strings, stop_state=stop_state,
+                           on_step=_dispatch_stream if stream else None,
+                           on_step_args=(stream_tag,))
 
 
 @functools.partial(jax.jit, static_argnames=("model_config", "num_beams", "max_new_tokens",
@@ -246,13 +289,71 @@ def beam_search_tokens(params, prompts, prompt_lengths, *, model_config: ModelCo
   `cache_block`: as in generate_tokens."""
   tokens_to_logits, prefill_to_logits = _model_fns(model_config, params)
   return decoding.beam_search(tokens_to_logits,
-                              _empty_cache(model_config, prompts, max_new_tokens), prompts,
+                              _empty_cache(model_config, prompts.shape[0],
+                                            prompts.shape[1] + max_new_tokens), prompts,
                               prompt_lengths, num_beams=num_beams, max_new_tokens=max_new_tokens,
                               length_penalty=length_penalty, eos_id=eos_id,
                               min_new_tokens=min_new_tokens,
                               cache_batch_axis=1 if model_config.scan_layers else 0,
                               prefill_to_logits=prefill_to_logits, cache_block=cache_block,
                               resize_cache=resize_cache)
+
+
+@functools.partial(jax.jit, static_argnames=("model_config", "draft_config", "max_new_tokens",
+                                             "num_draft", "sampler", "eos_id",
+                                             "min_new_tokens"))
+def speculative_tokens(params, draft_params, prompts, prompt_lengths, rng, stop_ids=None, *,
+                       model_config: ModelConfig, draft_config: ModelConfig,
+                       max_new_tokens: int, num_draft: int, sampler, eos_id=None,
+                       min_new_tokens: int = 0):
+  """Speculative decoding (decoding.speculative) after right-padded prompts: the draft
+  model (draft_config, draft_params) proposes num_draft tokens, the target keeps those
+  its own sampler would have drawn. SpeculativeResult, with acceptance counts."""
+  target_fn, target_prefill = _model_fns(model_config, params)
+  draft_fn, draft_prefill = _model_fns(draft_config, draft_params)
+  rows, length = prompts.shape[0], prompts.shape[1] + max_new_tokens + num_draft
+  return speculative.speculative_generate(
+      target_fn, draft_fn, _empty_cache(model_config, rows, length),
+      _empty_cache(draft_config, rows, length), prompts, prompt_lengths,
+      max_new_tokens=max_new_tokens, num_draft=num_draft, sampler=sampler, rng=rng,
+      eos_id=eos_id, stop_ids=stop_ids, min_new_tokens=min_new_tokens,
+      target_prefill=target_prefill, draft_prefill=draft_prefill)
+
+
+def self_draft(trained: TrainedModel, num_layers: int) -> TrainedModel:
+  """The target's first `num_layers` blocks with its embeddings, final norm and head: a
+  draft that needs no training (its parameters are the target's, not copies)."""
+  config = trained.config
+  if not 1 <= num_layers < config.num_layers:
+    raise ConfigError(f"a self-draft takes 1..{config.num_layers - 1} of the model's "
+                      f"{config.num_layers} layers, got {num_layers}")
+  if config.prefix_length:
+    raise ConfigError("a self-draft of a model with a soft prompt or prefix is not supported; "
+                      "merge or drop the method, or give a separate draft model")
+  params = dict(trained.params)
+  if config.scan_layers:  # blocks stacked on a leading [layers] axis
+    params["blocks"] = jax.tree.map(lambda a: a[:num_layers], params["blocks"])
+  else:
+    for i in range(num_layers, config.num_layers):
+      del params[f"block_{i}"]
+  return dataclasses.replace(trained, config=dataclasses.replace(config, num_layers=num_layers),
+                             params=params)
+
+
+def check_draft(trained: TrainedModel, draft: TrainedModel, prompt_length: int,
+                max_new_tokens: int, num_draft: int) -> None:
+  """Refuses a draft that cannot serve this target and request, before compiling."""
+  if draft.config.vocab_size != trained.config.vocab_size:
+    raise ConfigError(f"the draft model's vocabulary has {draft.config.vocab_size} tokens, the "
+                      f"target's {trained.config.vocab_size}; they must share a tokenizer")
+  if num_draft < 1:
+    raise ConfigError(f"num_draft must be >= 1, got {num_draft}")
+  room = min(context_room(trained.config), context_room(draft.config))
+  if prompt_length + max_new_tokens + num_draft > room:
+    raise ConfigError(
+        f"a prompt of {prompt_length} tokens, max_new_tokens={max_new_tokens} and "
+        f"num_draft={num_draft} do not fit the context ({room} positions): speculative "
+        "decoding is not windowed; shorten the prompt or ask for fewer tokens")
 
 
 @functools.partial(jax.jit, static_argnames=("model_config",))
@@ -323,148 +424,310 @@ def end_ids(tokenizer) -> list[int]:
   return list(dict.fromkeys(ids))
 
 
-def stop_token_ids(tokenizer, stop_strings) -> list[int]:
-  """The token id of each stop string; each must be exactly one token."""
-  ids = []
-  for text in stop_strings:
-    encoded = list(tokenizer.encode(text))
-    if len(encoded) != 1:
-      raise ConfigError(f"stop string {text!r} is {len(encoded)} tokens {encoded}; a stop must be "
-                        "exactly one token of this tokenizer")
-    ids.append(encoded[0])
-  return ids
+class Candidate(NamedTuple):
+  """One sample (or beam) of a prompt."""
+  tokens: np.ndarray  # int32 [length]: the generated ids, the stop token included
+  length: int
+  logprob: float  # summed log-probability (a beam: its length-penalised score)
+  stopped: bool  # ended on an end/stop token or a stop string, not on max_new_tokens
 
 
-def generate_batch(trained: TrainedModel, prompts: list[str], *, max_new_tokens: int,
-                   sampler=None, seed: int = 0, num_samples: int = 1, num_beams: int = 1,
+def sample_keys(seed: int, num_samples: int):
+  """The key of each sample of a prompt: a row's draws depend on its seed and sample index
+  only, never on the rest of its batch."""
+  base = jax.random.key(seed)
+  return [base if j == 0 else jax.random.fold_in(base, j) for j in range(num_samples)]
+
+
+def build_stop_strings(tokenizer, stop: tuple[str, ...]):
+  """The stop-string table for `stop` (None when there are none)."""
+  if not stop:
+    return None
+  from decoder_jax.decoding import stop_strings
+  return stop_strings.build_table(_token_bytes(tokenizer), list(stop))
+
+
+@functools.lru_cache(maxsize=4)
+def _token_bytes_cached(tokenizer):
+  from decoder_jax.decoding import stop_strings
+  return tuple(stop_strings.token_bytes(tokenizer))
+
+
+def _token_bytes(tokenizer):
+  try:
+    return _token_bytes_cached(tokenizer)
+  except TypeError:  # an unhashable tokenizer
+    from decoder_jax.decoding import stop_strings
+    return stop_strings.token_bytes(tokenizer)
+
+
+def generate_batch(trained: TrainedModel, prompts: list, *, max_new_tokens: int,
+                   sampler=None, seed=0, num_samples: int = 1, num_beams: int = 1,
                    min_new_tokens: int = 0, stop: tuple[str, ...] = (),
-                   length_penalty: float = 1.0, chat: bool = False,
-                   batch_size: int = 64) -> list[dict]:
+                   length_penalty: float = 1.0, chat: bool = False, batch_size: int = 64,
+                   on_token: Callable[[int, int], None] | None = None,
+                   draft: TrainedModel | None = None, num_draft: int = 4) -> list[dict]:
   """Completes every prompt, `batch_size` prompts per call. Returns, per prompt,
-  {"prompt", "samples": [{"text", "tokens", "logprob"}, ...]} with num_samples samples
-  (or num_beams beams, best first).
+  {"prompt", "samples": [{"text", "tokens", "logprob", "finish_reason"}, ...]} with
+  num_samples samples (or num_beams beams, best first); finish_reason is "stop" (an
+  end-of-sequence token or a stop string) or "length".
 
-  With `chat`, each prompt is sent as a user message through the tokenizer's chat template
-  and the reply is generated. Every end-of-sequence id of the tokenizer stops a sample.
-  Calls as in `generate_ids`.
+  With `chat`, each prompt is sent as a user message (or is a list of {"role", "content"}
+  messages: a conversation) through the tokenizer's chat template and the reply is
+  generated. Every end-of-sequence id of the tokenizer stops a sample. `stop`: strings of
+  any length; the text is cut before the first one, found in the text after the first
+  min_new_tokens tokens. `seed`: one for all prompts or one per prompt. `on_token(prompt
+  index, token id)` is called on a host thread as each token is produced (one sample per
+  prompt; the stop string's tokens included). Calls as in `generate_ids`.
   """
   tokenizer = trained.tokenizer
   encode = encode_chat if chat else encode_prompt
-  stop_ids = stop_token_ids(tokenizer, stop) + end_ids(tokenizer)[1:]
+  if any(not text for text in stop):
+    raise ConfigError("a stop string is empty; give at least one character")
+  table = build_stop_strings(tokenizer, tuple(stop))
+  ends = end_ids(tokenizer)
   eos_id = getattr(tokenizer, "eos_id", None)
   per_prompt = generate_ids(
       trained, [encode(tokenizer, p) for p in prompts], max_new_tokens=max_new_tokens,
       sampler=decoding.Greedy() if sampler is None else sampler, seed=seed,
       num_samples=num_samples, num_beams=num_beams, min_new_tokens=min_new_tokens,
-      stop_ids=stop_ids, eos_id=eos_id, length_penalty=length_penalty, batch_size=batch_size)
+      stop_ids=ends[1:] if eos_id is not None else ends, eos_id=eos_id,
+      length_penalty=length_penalty, batch_size=batch_size, stop_strings=table,
+      on_token=on_token, draft=draft, num_draft=num_draft)
   outputs = []
   for prompt, candidates in zip(prompts, per_prompt):
     samples = []
-    for row_tokens, length, logprob in candidates:
-      ids = row_tokens[:length].tolist()
-      text_ids = ids[:-1] if ids and (ids[-1] == eos_id or ids[-1] in stop_ids) else ids
-      samples.append({"text": tokenizer.decode(text_ids), "tokens": ids,
-                      "logprob": float(logprob)})
+    for candidate in candidates:
+      ids = candidate.tokens[:candidate.length].tolist()
+      samples.append({"text": _sample_text(tokenizer, ids, ends, stop, min_new_tokens,
+                                           candidate.stopped),
+                      "tokens": ids, "logprob": float(candidate.logprob),
+                      "finish_reason": "stop" if candidate.stopped else "length"})
     outputs.append({"prompt": prompt, "samples": samples})
   return outputs
 
 
+def _sample_text(tokenizer, ids: list[int], ends, stop, min_new_tokens: int,
+                 stopped: bool) -> str:
+  """The text of a sample: without its end token, cut before a stop string."""
+  if stopped and ids and ids[-1] in ends:
+    return tokenizer.decode(ids[:-1])
+  if stopped and stop:
+    from decoder_jax.decoding import stop_strings
+    found = stop_strings.cut(_token_bytes(tokenizer), ids[min_new_tokens:], list(stop))
+    if found is not None:
+      head = tokenizer.decode(ids[:min_new_tokens]) if min_new_tokens else ""
+      return head + found[0]
+  return tokenizer.decode(ids)
+
+
 def generate_ids(trained: TrainedModel, token_lists, *, max_new_tokens: int, sampler,
-                 seed: int = 0, num_samples: int = 1, num_beams: int = 1,
-                 min_new_tokens: int = 0, stop_ids=(), eos_id=None, length_penalty: float = 1.0,
-                 batch_size: int = 64) -> list[list[tuple]]:
-  """Per prompt (token ids), [(tokens, length, logprob or beam score)] for each sample or
-  beam (best first), with progress shown.
+                 seed=0, num_samples: int = 1, num_beams: int = 1, min_new_tokens: int = 0,
+                 stop_ids=(), eos_id=None, length_penalty: float = 1.0,
+                 batch_size: int = 64, stop_strings=None,
+                 on_token: Callable[[int, int], None] | None = None,
+                 draft: TrainedModel | None = None,
+                 num_draft: int = 4) -> list[list[Candidate]]:
+  """Per prompt (token ids), a Candidate for each sample or beam (best first), with
+  progress shown.
 
   Each call holds `batch_size` prompts (the last one padded with copies), so a long list
-  compiles one program per prompt bucket; the first call samples with key(seed), call i
-  with fold_in(key(seed), i). Every row decodes as it would alone.
+  compiles one program per prompt bucket. Every row decodes as that prompt would alone
+  (complete() is this with one prompt): sample j of a prompt draws with
+  sample_keys(its seed, ...)[j], and a prompt whose output outgrows the context goes on
+  window by window, each window's last half the prompt of the next. Beam search keeps a
+  long prompt's last tokens instead (check_request). `seed`: an int or one per prompt.
+  `draft`: decode speculatively, `draft` proposing num_draft tokens at a time (the same
+  distribution; greedy gives the same tokens); not windowed, without stop strings or
+  streaming.
   """
   if batch_size < 1:
     raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+  seeds = [seed] * len(token_lists) if isinstance(seed, int) else list(seed)
+  if len(seeds) != len(token_lists):
+    raise ConfigError(f"{len(seeds)} seeds for {len(token_lists)} prompts")
   for tokens in token_lists:
     check_request(trained.config, len(tokens), max_new_tokens, min_new_tokens, num_beams,
                   num_samples)
+  if on_token is not None and (num_samples > 1 or num_beams > 1):
+    raise ConfigError("streaming (on_token) takes one sample per prompt, without beams")
+  if draft is not None:
+    if num_beams > 1 or stop_strings is not None or on_token is not None:
+      raise ConfigError("speculative decoding (a draft model) takes no beams, stop strings "
+                        "or streaming")
+    for tokens in token_lists:
+      check_draft(trained, draft, len(tokens), max_new_tokens, num_draft)
   batch_size = min(batch_size, len(token_lists))
   how = f"beam search ({num_beams} beams)" if num_beams > 1 else "decoding"
   per_prompt = []
   with progress.Progress(how, len(token_lists), unit="prompts") as shown:
-    for call, first in enumerate(range(0, len(token_lists), batch_size)):
+    for first in range(0, len(token_lists), batch_size):
       chunk = list(token_lists[first:first + batch_size])
-      padded = chunk + [chunk[-1]] * (batch_size - len(chunk))  # one shape for every call
-      rng = jax.random.key(seed)
-      rng = rng if call == 0 else jax.random.fold_in(rng, call)
-      per_prompt += _generate_call(trained, padded, rng, max_new_tokens=max_new_tokens,
-                                   sampler=sampler, num_samples=num_samples,
-                                   num_beams=num_beams, min_new_tokens=min_new_tokens,
-                                   stop_ids=list(stop_ids), eos_id=eos_id,
-                                   length_penalty=length_penalty)[:len(chunk)]
+      pad = batch_size - len(chunk)  # copies of the last prompt: one shape for every call
+      padded, chunk_seeds = chunk + [chunk[-1]] * pad, seeds[first:first + batch_size]
+      chunk_seeds += [chunk_seeds[-1]] * pad
+      if draft is not None:
+        found = _speculative_call(trained, draft, padded, chunk_seeds, num_draft=num_draft,
+                                  max_new_tokens=max_new_tokens, sampler=sampler,
+                                  num_samples=num_samples, min_new_tokens=min_new_tokens,
+                                  stop_ids=list(stop_ids), eos_id=eos_id)
+      elif num_beams > 1:
+        found = _beam_call(trained, padded, max_new_tokens=max_new_tokens,
+                           num_beams=num_beams, min_new_tokens=min_new_tokens,
+                           eos_id=eos_id, length_penalty=length_penalty)
+      else:
+        sink = None
+        if on_token is not None:
+          sink = lambda row, token, first=first: (  # noqa: E731
+              on_token(first + row, token) if row < len(chunk) else None)
+        found = _windowed_call(trained, padded, chunk_seeds, max_new_tokens=max_new_tokens,
+                               sampler=sampler, num_samples=num_samples,
+                               min_new_tokens=min_new_tokens, stop_ids=list(stop_ids),
+                               eos_id=eos_id, stop_strings=stop_strings, on_token=sink)
+      per_prompt += found[:len(chunk)]
       shown.update(len(chunk))
   return per_prompt
 
 
-def _generate_call(trained: TrainedModel, token_lists, rng, *, max_new_tokens, sampler,
-                   num_samples, num_beams, min_new_tokens, stop_ids, eos_id, length_penalty):
-  """One compiled call over `token_lists`: per prompt, [(tokens, length, logprob or
-  score)] for each sample or beam."""
-  config = trained.config
-  repeated = [t for t in token_lists for _ in range(num_samples)]
-  room = config.max_length - config.prefix_length - max_new_tokens
-  prompt_array, lengths = pad_prompts(repeated, max_width=room)
-  if num_beams > 1:
-    result = beam_search_tokens(trained.params, prompt_array, lengths, model_config=config,
-                                num_beams=num_beams, max_new_tokens=max_new_tokens,
-                                length_penalty=length_penalty, eos_id=eos_id,
-                                min_new_tokens=min_new_tokens)
-    tokens, out_lengths, scores = (np.asarray(result.tokens), np.asarray(result.lengths),
-                                   np.asarray(result.scores))
-    return [[(tokens[i, b], out_lengths[i, b], scores[i, b]) for b in range(num_beams)]
-            for i in range(len(token_lists))]
-  stop_array = np.full((len(repeated), max(1, len(stop_ids))), -1, np.int32)
+def _beam_call(trained: TrainedModel, token_lists, *, max_new_tokens, num_beams,
+               min_new_tokens, eos_id, length_penalty) -> list[list[Candidate]]:
+  """Beam search over `token_lists` in one compiled call; a prompt keeps its last tokens
+  where it and max_new_tokens overflow the context."""
+  room = context_room(trained.config) - max_new_tokens
+  kept = [list(t)[-room:] for t in token_lists]
+  prompt_array, lengths = pad_prompts(kept, max_width=room)
+  result = beam_search_tokens(trained.params, prompt_array, lengths, model_config=trained.config,
+                              num_beams=num_beams, max_new_tokens=max_new_tokens,
+                              length_penalty=length_penalty, eos_id=eos_id,
+                              min_new_tokens=min_new_tokens)
+  tokens, out_lengths, scores = (np.asarray(result.tokens), np.asarray(result.lengths),
+                                 np.asarray(result.scores))
+  ended = lambda i, b: (eos_id is not None and out_lengths[i, b] > 0  # noqa: E731
+                        and tokens[i, b, out_lengths[i, b] - 1] == eos_id)
+  return [[Candidate(tokens[i, b], int(out_lengths[i, b]), float(scores[i, b]), ended(i, b))
+           for b in range(num_beams)] for i in range(len(token_lists))]
+
+
+def _speculative_call(trained: TrainedModel, draft: TrainedModel, token_lists, seeds, *,
+                      num_draft, max_new_tokens, sampler, num_samples, min_new_tokens,
+                      stop_ids, eos_id) -> list[list[Candidate]]:
+  """speculative_tokens over `token_lists` in one call, the row keys of _windowed_call's."""
+  rows = [t for t in token_lists for _ in range(num_samples)]
+  keys = [k for s in seeds for k in sample_keys(s, num_samples)]
+  # The same first split as a window of _windowed_call: the same draws for the same seed.
+  keys = jax.vmap(jax.random.split)(jax.random.wrap_key_data(
+      jnp.stack([jax.random.key_data(k) for k in keys])))[:, 1]
+  prompt_array, lengths = pad_prompts(rows, max_width=context_room(trained.config)
+                                      - max_new_tokens - num_draft)
+  stop_array = np.full((len(rows), max(1, len(stop_ids))), -1, np.int32)
   stop_array[:, :len(stop_ids)] = stop_ids
-  result = generate_tokens(trained.params, prompt_array, lengths, rng, stop_array,
-                           model_config=config, max_new_tokens=max_new_tokens,
-                           sampler=sampler, eos_id=eos_id, min_new_tokens=min_new_tokens)
+  result = speculative_tokens(trained.params, draft.params, prompt_array, lengths, keys,
+                              stop_array, model_config=trained.config,
+                              draft_config=draft.config, max_new_tokens=max_new_tokens,
+                              num_draft=num_draft, sampler=sampler, eos_id=eos_id,
+                              min_new_tokens=min_new_tokens)
   tokens, out_lengths = np.asarray(result.tokens), np.asarray(result.lengths)
-  logprob = np.asarray(result.logprobs).sum(axis=1)
-  rows = [(tokens[r], out_lengths[r], logprob[r]) for r in range(len(repeated))]
-  return [rows[i * num_samples:(i + 1) * num_samples] for i in range(len(token_lists))]
+  logprob, stopped = np.asarray(result.logprobs).sum(axis=1), np.asarray(result.stopped)
+  candidates = [Candidate(tokens[r, :out_lengths[r]], int(out_lengths[r]), float(logprob[r]),
+                          bool(stopped[r])) for r in range(len(rows))]
+  return [candidates[i * num_samples:(i + 1) * num_samples] for i in range(len(token_lists))]
+
+
+def _windowed_call(trained: TrainedModel, token_lists, seeds, *, max_new_tokens, sampler,
+                   num_samples, min_new_tokens, stop_ids, eos_id, stop_strings,
+                   on_token=None) -> list[list[Candidate]]:
+  """Samples for `token_lists`, each row as it would decode alone, in compiled calls of
+  one shape per window: per prompt, num_samples Candidates.
+
+  A row's first window is its prompt (or, from a prompt that fills the context, the
+  prompt's last half); a window runs until the row stops, has max_new_tokens tokens or
+  fills the context, and the row's next window is the last half of window + output. Each
+  call decodes one window of every row still going (the others ride along, done from
+  the start); rows of one call differ in length and budget, not in program.
+  """
+  config = trained.config
+  context = context_room(config)
+  keep = max(1, context // 2)
+  batch, rows = len(token_lists), len(token_lists) * num_samples
+  width_limit = context - 1  # a window leaves room for at least one new token
+  # Every call generates at most `steps` tokens a row: the most a window can take.
+  steps = min(max_new_tokens, context - 1)
+  keys = [k for s in seeds for k in sample_keys(s, num_samples)]  # [rows]
+  keys = jax.random.wrap_key_data(jnp.stack([jax.random.key_data(k) for k in keys]))
+  stop_array = np.full((rows, max(1, len(stop_ids))), -1, np.int32)
+  stop_array[:, :len(stop_ids)] = stop_ids
+  new = [[] for _ in range(rows)]
+  logprob = np.zeros(rows)
+  stopped = np.zeros(rows, bool)
+  state = None if stop_strings is None else np.zeros(
+      (rows, stop_strings.lengths.shape[0]), np.int32)
+  windows = [list(t) if len(t) < context else list(t)[-keep:] for t in token_lists]
+  going = np.ones(rows, bool)
+  first_call = True
+  while going.any():
+    if first_call:  # one window per prompt, its samples sharing the prefill
+      call_windows, samples = windows, num_samples
+    else:
+      call_windows, samples = [w if g else [0] for w, g in zip(windows, going)], 1
+    budgets = np.asarray([min(max_new_tokens - len(new[r]),
+                              context - len(call_windows[r // samples])) if going[r] else 0
+                          for r in range(rows)], np.int32)
+    min_new = np.maximum(min_new_tokens - np.asarray([len(n) for n in new]), 0).astype(np.int32)
+    prompt_array, lengths = pad_prompts(call_windows, max_width=width_limit)
+    cache_length = min(prompt_array.shape[1] + steps, context)
+    split = jax.vmap(jax.random.split)(keys)  # [rows, 2]: carried, this window's
+    keys, window_keys = split[:, 0], split[:, 1]
+    tag = None
+    if on_token is not None:
+      tag = next(_NEXT_TAG)
+      with _STREAM_LOCK:
+        _STREAM_HANDLERS[tag] = lambda tokens, emitted: [
+            on_token(r, int(tokens[r])) for r in np.flatnonzero(emitted)]
+    try:
+      result = generate_tokens(
+          trained.params, prompt_array, lengths, window_keys, stop_array,
+          model_config=config, max_new_tokens=steps, sampler=sampler, eos_id=eos_id,
+          min_new_tokens=min_new, num_samples=samples, budgets=budgets,
+          cache_length=cache_length, stop_strings=stop_strings, stop_state=state,
+          stream=on_token is not None, stream_tag=None if tag is None else np.int32(tag))
+      tokens, out_lengths = np.asarray(result.tokens), np.asarray(result.lengths)
+      jax.effects_barrier()  # every streamed token delivered before the handler goes
+    finally:
+      if tag is not None:
+        with _STREAM_LOCK:
+          _STREAM_HANDLERS.pop(tag, None)
+    row_logprobs, row_stopped = np.asarray(result.logprobs).sum(axis=1), np.asarray(result.stopped)
+    if stop_strings is not None:
+      state = np.asarray(result.stop_state)
+    next_windows = []
+    for r in range(rows):
+      window = call_windows[r // samples]
+      if going[r]:
+        chunk = tokens[r, :out_lengths[r]].tolist()
+        new[r] += chunk
+        logprob[r] += row_logprobs[r]
+        stopped[r] = row_stopped[r]
+        going[r] = not stopped[r] and len(new[r]) < max_new_tokens
+        window = (window + chunk)[-keep:]
+      next_windows.append(window)
+    windows, first_call = next_windows, False
+  candidates = [Candidate(np.asarray(new[r], np.int32), len(new[r]), float(logprob[r]),
+                          bool(stopped[r])) for r in range(rows)]
+  return [candidates[i * num_samples:(i + 1) * num_samples] for i in range(batch)]
 
 
 def complete(trained: TrainedModel, prompt: str, *, max_new_tokens: int, sampler,
              seed: int = 0, chat: bool = False) -> str:
-  """The text generated after `prompt` (the prompt itself not included).
+  """The text generated after `prompt` (the prompt itself not included): generate_batch
+  with one prompt, so a prompt alone and in a batch come out the same.
 
   With `chat`, `prompt` is sent as a user message through the chat template and the text
   is the reply.
   """
   if max_new_tokens < 1:
     raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-  tokenizer = trained.tokenizer
-  context = trained.config.max_length - trained.config.prefix_length  # the input's room
-  ids = encode_chat(tokenizer, prompt) if chat else list(tokenizer.encode(prompt))
+  ids = encode_chat(trained.tokenizer, prompt) if chat else list(trained.tokenizer.encode(prompt))
   if not ids:
     raise ConfigError("the prompt is empty after tokenization; give at least one token")
-  keep = max(1, context // 2)
-  window = ids if len(ids) < context else ids[-keep:]
-  ends = end_ids(tokenizer)
-  eos_id = ends[0] if ends else None
-  # Further end ids stop like --stop tokens; None keeps the program of a single-eos tokenizer.
-  more_ends = np.asarray([ends[1:]], np.int32) if len(ends) > 1 else None  # [1, n]
-  rng = jax.random.key(seed)
-  new: list[int] = []
-  while len(new) < max_new_tokens:
-    budget = min(max_new_tokens - len(new), context - len(window))
-    rng, window_rng = jax.random.split(rng)
-    result = generate_tokens(trained.params, jnp.asarray([window], jnp.int32),
-                              jnp.asarray([len(window)], jnp.int32), window_rng, more_ends,
-                              model_config=trained.config, max_new_tokens=budget,
-                              sampler=sampler, eos_id=eos_id)
-    length = int(result.lengths[0])
-    chunk = np.asarray(result.tokens[0, :length]).tolist()
-    new.extend(chunk)
-    if eos_id is not None and chunk and chunk[-1] in ends:
-      new.pop()
-      break
-    window = (window + chunk)[-keep:]
-  return tokenizer.decode(new)
+  return generate_batch(trained, [prompt], max_new_tokens=max_new_tokens, sampler=sampler,
+                        seed=seed, chat=chat)[0]["samples"][0]["text"]

@@ -135,12 +135,13 @@ def test_scoring_equals_the_decoder_logprobs(trained):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(prompts=["a" * 60]), "does not fit"),
+    (dict(num_beams=2, max_new_tokens=64), "does not fit"),
     (dict(prompts=[""]), "no BOS"),
     (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(num_beams=0), "num_beams"),
     (dict(min_new_tokens=20), "min_new_tokens"),
-    (dict(stop=("ab",)), "exactly one token"),
+    (dict(stop=("",)), "stop string is empty"),
+    (dict(seed=[1, 2]), "2 seeds for 1 prompts"),
 ])
 def test_bad_requests_fail_before_compiling(trained, kwargs, message):
   request = dict(prompts=["the cat"], max_new_tokens=10)

@@ -191,7 +191,7 @@ def test_cached_decoding_matches_full_forward_on_a_ragged_batch(method, arch):
   trained_model = inference.TrainedModel(config, params, None)
   out = inference.generate_ids(trained_model, prompts, max_new_tokens=6,
                                sampler=decoding.Greedy())
-  for prompt, [(tokens, length, _)] in zip(prompts, out):
+  for prompt, [(tokens, length, *_)] in zip(prompts, out):
     seq = list(prompt)
     for _ in range(6):
       seq.append(int(np.argmax(logits(config, params, jnp.asarray([seq]))[0, -1])))
@@ -200,9 +200,9 @@ def test_cached_decoding_matches_full_forward_on_a_ragged_batch(method, arch):
 
 def test_decode_request_counts_the_prefix_in_the_context():
   config, _ = method_setup("prompt")  # max_length 32, 3 soft positions
-  inference.check_request(config, 20, 9)
+  inference.check_request(config, 20, 28, num_beams=2)
   with pytest.raises(ConfigError, match="soft prompt or prefix takes 3"):
-    inference.check_request(config, 20, 10)
+    inference.check_request(config, 20, 29, num_beams=2)
 
 
 # AdaLoRA against the paper's definitions (Zhang et al., 2023, eqs. 11-12).

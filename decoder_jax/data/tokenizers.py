@@ -166,6 +166,11 @@ class SentencePieceTokenizer:
     return self._model_proto
 
   @property
+  def processor(self) -> spm.SentencePieceProcessor:
+    """The loaded processor, for per-piece queries (e.g. stop strings' token bytes)."""
+    return self._processor
+
+  @property
   def vocab_size(self) -> int:
     return self._processor.get_piece_size()
 

@@ -1,6 +1,9 @@
 """Samplers: small frozen dataclasses mapping logits [batch, vocab] to tokens [batch].
 
-They are hashable, so a sampler can be a static argument of a jit-compiled decode.
+They are hashable, so a sampler can be a static argument of a jit-compiled decode. Each
+random sampler draws from categorical(filtered(logits)): `filtered` is the distribution
+it samples (temperature applied, tokens outside top-k / top-p at -inf), which
+speculative decoding needs for its acceptance rule.
 """
 
 from __future__ import annotations
@@ -28,9 +31,11 @@ class Temperature:
     if self.temperature <= 0:
       raise ConfigError(f"temperature must be > 0 (use Greedy for 0), got {self.temperature}")
 
+  def filtered(self, logits):
+    return logits.astype(jnp.float32) / self.temperature
+
   def __call__(self, logits, rng):
-    scaled = logits.astype(jnp.float32) / self.temperature
-    return jax.random.categorical(rng, scaled, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(rng, self.filtered(logits), axis=-1).astype(jnp.int32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,9 +49,11 @@ class TopK:
       raise ConfigError(f"top_k must be >= 1, got {self.k}")
     Temperature(self.temperature)  # validates
 
+  def filtered(self, logits):
+    return _top_k_logits(logits.astype(jnp.float32) / self.temperature, self.k)
+
   def __call__(self, logits, rng):
-    logits = _top_k_logits(logits.astype(jnp.float32) / self.temperature, self.k)
-    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(rng, self.filtered(logits), axis=-1).astype(jnp.int32)
 
 
 def _top_k_logits(logits, k: int):
@@ -72,6 +79,9 @@ class TopP:
     Temperature(self.temperature)  # validates
 
   def __call__(self, logits, rng):
+    return jax.random.categorical(rng, self.filtered(logits), axis=-1).astype(jnp.int32)
+
+  def filtered(self, logits):
     logits = logits.astype(jnp.float32) / self.temperature
     if self.top_k:
       logits = _top_k_logits(logits, self.top_k)
@@ -81,8 +91,7 @@ class TopP:
     mass_before = jnp.cumsum(probs, axis=-1) - probs
     kept = mass_before < self.p
     threshold = jnp.min(jnp.where(kept, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-    logits = jnp.where(logits < threshold, -jnp.inf, logits)
-    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+    return jnp.where(logits < threshold, -jnp.inf, logits)
 
 
 def make_sampler(temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0):

@@ -179,8 +179,8 @@ def _sampled_replies(run, params, examples, max_new_tokens: int) -> list[dict]:
                                max_new_tokens=max_new_tokens, sampler=decoding.Greedy(),
                                stop_ids=ends[1:], eos_id=ends[0] if ends else None)
   replies = []
-  for example, [(tokens, length, _)] in zip(examples, out):
-    ids = [int(t) for t in tokens[:length] if int(t) not in ends]
+  for example, [reply] in zip(examples, out):
+    ids = [int(t) for t in reply.tokens[:reply.length] if int(t) not in ends]
     replies.append({"said": example["context"][-1]["content"],
                     "reply": run.tokenizer.decode(ids).strip(),
                     "reference": example["reference"]})

@@ -26,8 +26,8 @@ def generate_texts(trained: inference.TrainedModel, prompt_ids: Sequence[Sequenc
       length_penalty=length_penalty, batch_size=batch_size)
   texts: list[str] = []
   for candidates in per_prompt:
-    tokens, length, _ = candidates[0]  # the one greedy sample, or the best beam
-    ids = tokens[:length].tolist()
+    best = candidates[0]  # the one greedy sample, or the best beam
+    ids = best.tokens[:best.length].tolist()
     if ids and ids[-1] in ends:
       ids = ids[:-1]
     texts.append(tokenizer.decode(ids, **_skip_special(tokenizer)).strip())

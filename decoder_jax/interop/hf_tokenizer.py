@@ -164,6 +164,12 @@ class HFTokenizer:
   def chat_template(self) -> str | None:
     return self._chat_template
 
+  @property
+  def backend(self):
+    """The wrapped `tokenizers.Tokenizer`, for vocabulary-level queries (e.g. the bytes
+    of each token, for stop strings)."""
+    return self._tokenizer
+
   def token_to_id(self, token: str) -> int | None:
     return self._tokenizer.token_to_id(token)
 
