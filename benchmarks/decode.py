@@ -6,8 +6,18 @@ theta 100000, RMSNorm eps 1e-5). Every row gets a random prompt of --prompt_len 
 (fixed seed; the batch-1 prompt is row 0 of the largest batch), then --new_tokens
 greedy tokens with no end-of-sequence stop.
 
-Sides, in one process, on the same weights (decoder_jax's random init is copied into
-the Hugging Face model):
+--pretrained=SOURCE (e.g. fetch:smollm2-135m-instruct, gguf:FILE; any source of
+decoder_jax.load_pretrained) runs everything on those weights instead: decoder_jax loads
+them, and they are copied into the Hugging Face model exactly as the random init is (so
+both sides hold the same float32 arrays; HF does not re-read the file). The prompts are
+then real: row r is one of 16 questions (decode_features.QUESTIONS, r mod 16) sent as a
+user turn through the tokenizer's chat template (default system message and assistant
+cue included), cut to its last --prompt_len tokens, or with earlier small-talk turns put
+before it where it is shorter. Still no end-of-sequence stop: after its answer's
+<|im_end|> the model goes on (HF's eos is unset so it does not stop or mask it either).
+
+Sides, in one process, on the same weights (decoder_jax's weights are copied into the
+Hugging Face model):
   decoder_jax   decoder_jax.inference.generate_tokens (or _generate_window if that is
                 what exists): one jitted program = prefill + lax.while_loop over the
                 static KV cache. Compiled ahead of time (lower + compile, timed apart),
@@ -30,7 +40,27 @@ Correctness cross-check (float32, batch 1, on by default): do both sides produce
 same greedy tokens? And how far apart are their logits on the same 1 x (prompt +
 generated) sequence, teacher-forced? Disable with --no_cross_check.
 
-  python benchmarks/decode.py                               # batches 1,64, 3 repeats
+--speculative=self:8,self:16,draft:SOURCE with --num_draft=2,4: greedy speculative
+decoding (decoder_jax.inference.speculative_tokens; self:N = inference.self_draft, the
+target's first N layers; draft:SOURCE = a separate model from load_pretrained) at the
+batches of --speculative_batches (default 1), each draft x num_draft against plain
+greedy decoder_jax on the same prompts, their runs interleaved: ms/token, tokens/s,
+speed-up, acceptance (accepted / proposed draft tokens), tokens per target pass
+((new tokens - 1) per row / target forward passes, averaged over rows) and whether the
+tokens equal plain greedy's. Meaningful with --pretrained only (random weights accept
+at chance).
+
+--samples=16 (default; "" for none): shared prefixes. For N in 1 and these, one prompt
+decoded as N rows by generate_tokens(num_samples=N) (one prefill whose cache rows are
+copied) against the prompt repeated as N rows (N prefills), greedy, interleaved runs:
+with max_new_tokens=1 (nearly all prefill) and with --new_tokens (end to end).
+
+Tables: the per-side table below, the speculative and shared-prefix tables, and a summary
+of ms/token and tokens/s for every side and batch (speculative rows included).
+
+  python benchmarks/decode.py                               # batches 1,8,64, 3 repeats
+  python benchmarks/decode.py --pretrained=fetch:smollm2-135m-instruct --new_tokens 64 \
+      --speculative self:8,self:16 --num_draft 2,4     # real weights and prompts
   python benchmarks/decode.py --batches 64 --repeats 1 --json_out /tmp/decode64.json
   python benchmarks/decode.py --dtype bfloat16 --hf_dynamic   # on a GPU
   python benchmarks/decode.py --profile_dir /tmp/trace        # jax.profiler trace of one run
@@ -40,6 +70,7 @@ generated) sequence, teacher-forced? Disable with --no_cross_check.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -50,6 +81,7 @@ import time
 
 import numpy as np
 
+import decode_features as features  # benchmarks/decode_features.py
 from machine import busy_cpu_seconds, cores, version  # benchmarks/machine.py
 
 # Same dims as decoder_jax's "smollm2-135m" preset; the HF config is built from these.
@@ -363,7 +395,7 @@ def cross_check(jax_side, hf_side, prompt, jax_tokens, hf_tokens):
 def parse_args(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--batches", default="1,64", help="comma-separated batch sizes")
+  ap.add_argument("--batches", default="1,8,64", help="comma-separated batch sizes")
   ap.add_argument("--new_tokens", type=int, default=256)
   ap.add_argument("--prompt_len", type=int, default=32)
   ap.add_argument("--repeats", type=int, default=3, help="timed runs per side and batch, after "
@@ -387,11 +419,30 @@ def parse_args(argv=None):
   ap.add_argument("--seed", type=int, default=0, help="seed of the weights and prompts")
   ap.add_argument("--profile_dir", default=None, help="write a jax.profiler trace of one "
                   "decoder_jax run per batch here")
+  ap.add_argument("--pretrained", default=None, metavar="SOURCE",
+                  help="real weights for both sides and chat prompts (load_pretrained "
+                       "source, e.g. fetch:smollm2-135m-instruct); default: random weights")
+  ap.add_argument("--speculative", default="", help="comma-separated drafts: self:N (the "
+                  "target's first N layers) or draft:SOURCE (load_pretrained); adds "
+                  "speculative rows")
+  ap.add_argument("--num_draft", default="4", help="comma-separated draft lengths k")
+  ap.add_argument("--speculative_batches", default="1", help="batches of the speculative rows")
+  ap.add_argument("--samples", default="16", help="comma-separated N of the shared-prefix "
+                  "measurement (N=1 is added; empty: skip it)")
   ap.add_argument("--json_out", default=None)
   ap.add_argument("--report", nargs="+", default=None, metavar="JSON",
                   help="print one table from earlier --json_out files and exit (runs nothing)")
   args = ap.parse_args(argv)
-  args.batches = [int(b) for b in args.batches.split(",") if b]
+  ints = lambda text: [int(x) for x in text.split(",") if x.strip()]  # noqa: E731
+  args.batches = ints(args.batches)
+  args.num_draft, args.speculative_batches = ints(args.num_draft), ints(args.speculative_batches)
+  args.samples = sorted({1, *ints(args.samples)}) if ints(args.samples) else []
+  try:
+    args.speculative = features.parse_speculative(args.speculative)
+  except ValueError as e:
+    ap.error(str(e))
+  if args.speculative and (args.skip_jax or not args.num_draft or min(args.num_draft) < 1):
+    ap.error("--speculative needs the decoder_jax side and --num_draft >= 1")
   if args.new_tokens < 2 or args.prompt_len < 1 or args.repeats < 1 or not args.batches:
     ap.error("need --new_tokens >= 2, --prompt_len >= 1, --repeats >= 1, some --batches")
   return args
@@ -399,12 +450,14 @@ def parse_args(argv=None):
 
 def report(paths):
   """One table from several --json_out files (e.g. batch 1 and batch 64 run apart)."""
-  results, envs, checks = [], [], {}
+  results, envs, checks, speculative, shared = [], [], {}, [], []
   for path in paths:
     with open(path) as f:
       data = json.load(f)
     envs.append(data["env"])
     results += data["results"]
+    speculative += data.get("speculative", [])
+    shared += data.get("shared_prefix", [])
     checks.update(data.get("checks", {}))
     a = data["args"]
     print(f"{path}: batches {a['batches']}, repeats {a['repeats']}, {data['env']['dtype']}, "
@@ -413,6 +466,7 @@ def report(paths):
   args = argparse.Namespace(**data["args"])
   args.repeats = "/".join(sorted({str(len(r["runs"])) for r in results}))
   print_table(results, args, envs[-1])
+  print_features(results, speculative, shared, args)
   if checks:
     print("\nchecks: " + json.dumps(checks, indent=2))
 
@@ -431,7 +485,6 @@ def main(argv=None):
   dtype = args.dtype if args.dtype != "auto" else ("float32" if backend == "cpu" else "bfloat16")
   torch_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
   torch.set_num_threads(args.threads or num_cores)
-  config = preset(PRESET, dtype=dtype, param_dtype=dtype, matmul_dtype=args.matmul_dtype)
 
   env = {
       "python": platform.python_version(), "platform": platform.platform(),
@@ -441,19 +494,32 @@ def main(argv=None):
       "jax_devices": [str(d) for d in jax.devices()], "jax_backend": backend,
       "torch_device": str(torch_device), "torch_threads": torch.get_num_threads(),
       "dtype": dtype, "matmul_dtype": args.matmul_dtype, "loadavg_start": os.getloadavg(),
+      # PASSIVE: torch's OpenMP threads sleep instead of spinning when a core is taken.
+      "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
   }
-  print("# decode benchmark: SmolLM2-135M architecture, random weights")
+  env["weights"] = args.pretrained or "random"
+  print("# decode benchmark: SmolLM2-135M architecture, "
+        + (f"weights of {args.pretrained}" if args.pretrained else "random weights"))
   for k, v in env.items():
     print(f"  {k}: {v}")
   print(f"  prompt_len {args.prompt_len}, new_tokens {args.new_tokens}, greedy, no eos, "
         f"batches {args.batches}, repeats {args.repeats} (+1 warm-up)", flush=True)
 
   t0 = time.perf_counter()
-  params = jax.jit(lambda k: nn.unbox(Decoder(config).init(
-      k, np.zeros((1, args.prompt_len), np.int32))["params"]))(jax.random.key(args.seed))
+  tokenizer = None
+  if args.pretrained:
+    from decoder_jax import load_pretrained
+    trained = load_pretrained(args.pretrained, dtype=dtype)
+    config = dataclasses.replace(trained.config, matmul_dtype=args.matmul_dtype)
+    params, tokenizer = trained.params, trained.tokenizer
+  else:
+    config = preset(PRESET, dtype=dtype, param_dtype=dtype, matmul_dtype=args.matmul_dtype)
+    params = jax.jit(lambda k: nn.unbox(Decoder(config).init(
+        k, np.zeros((1, args.prompt_len), np.int32))["params"]))(jax.random.key(args.seed))
   params = jax.block_until_ready(params)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-  print(f"  decoder_jax params: {n_params:,} ({time.perf_counter() - t0:.1f} s to init)")
+  print(f"  decoder_jax params: {n_params:,} ({time.perf_counter() - t0:.1f} s to "
+        f"{'load' if args.pretrained else 'init'})")
 
   sides = []
   if not args.skip_jax:
@@ -468,6 +534,9 @@ def main(argv=None):
     model = LlamaForCausalLM(hf_config(config)).to(device=torch_device, dtype=tdtype)
     model.eval()
     copy_params_into_hf(params, config, model)
+    # No end-of-sequence token: HF neither stops at it nor (min_new_tokens) masks it, so
+    # both sides decode the same raw greedy continuation.
+    model.generation_config.eos_token_id = None
     env["hf_attn_implementation"] = getattr(model.config, "_attn_implementation", None)
     print(f"  HF model: {sum(p.numel() for p in model.parameters()):,} params, "
           f"attention {env['hf_attn_implementation']}, weights copied from decoder_jax "
@@ -476,9 +545,14 @@ def main(argv=None):
     if args.hf_dynamic:
       sides.append(HfSide(args, model, torch_device, None))
 
-  rs = np.random.RandomState(args.seed)
-  all_prompts = rs.randint(0, config.vocab_size, size=(max(args.batches), args.prompt_len),
-                           dtype=np.int64).astype(np.int32)
+  rows = max(args.batches + (args.speculative_batches if args.speculative else []))
+  if args.pretrained:
+    all_prompts = features.chat_prompts(tokenizer, rows, args.prompt_len)
+    print(f"  prompt of row 0: {tokenizer.decode(all_prompts[0].tolist())!r}")
+  else:
+    rs = np.random.RandomState(args.seed)  # row-major: row 0 is the same for any `rows`
+    all_prompts = rs.randint(0, config.vocab_size, size=(rows, args.prompt_len),
+                             dtype=np.int64).astype(np.int32)
 
   results, tokens, checks = [], {}, {}
   for batch in args.batches:
@@ -552,12 +626,51 @@ def main(argv=None):
       print("\n## cross-check, batch 1, float32, same weights")
       print(json.dumps(cc, indent=2))
 
+  speculative = []
+  if args.speculative:
+    speculative = run_speculative(args, sides[0], config, params, tokenizer, dtype,
+                                  all_prompts)
+  shared = []
+  if args.samples and not args.skip_jax:
+    print(f"\n## shared prefixes: N in {args.samples}", flush=True)
+    shared = features.measure_shared(params, config, all_prompts[0], args.samples,
+                                     args.new_tokens, args.repeats, Contention)
+
   print_table(results, args, env)
+  print_features(results, speculative, shared, args)
   if args.json_out:
     with open(args.json_out, "w") as f:
       json.dump({"env": env, "args": {k: v for k, v in vars(args).items()},
-                 "results": results, "checks": checks}, f, indent=2, default=str)
+                 "results": results, "checks": checks, "speculative": speculative,
+                 "shared_prefix": shared}, f, indent=2, default=str)
     print(f"\nwrote {args.json_out}")
+
+
+def run_speculative(args, jside, config, params, tokenizer, dtype, all_prompts):
+  """The speculative records of every --speculative draft x --num_draft and batch."""
+  from decoder_jax import inference
+  if not args.pretrained:
+    print("\nWARNING: speculative decoding on random weights: acceptance is at chance; "
+          "pass --pretrained for a meaningful figure")
+  target = inference.TrainedModel(config, params, tokenizer)
+  drafts = features.make_drafts(args.speculative, target, dtype)
+  records = []
+  for batch in args.speculative_batches:
+    print(f"\n## speculative decoding, batch {batch}: drafts {[d for d, _ in drafts]}, "
+          f"num_draft {args.num_draft}", flush=True)
+    records += features.measure_speculative(jside, target, drafts, args.num_draft,
+                                            all_prompts[:batch], args.repeats, Contention)
+  return records
+
+
+def print_features(results, speculative, shared, args):
+  """The speculative and shared-prefix tables, then the summary of every row."""
+  if speculative:
+    features.print_speculative_table(speculative, args.repeats)
+  if shared:
+    features.print_shared_table(shared, args.prompt_len, args.repeats)
+  if speculative or len(results) > 1:
+    features.print_summary(results, speculative, args.new_tokens)
 
 
 def _f(x, spec):

@@ -37,7 +37,7 @@ import os
 import re
 import sys
 
-from absl import flags, logging
+from absl import flags
 
 from decoder_jax import cli, decoding, inference
 from decoder_jax.errors import ConfigError, NotFound
@@ -88,13 +88,8 @@ def main(argv):
   prompts = _read_prompts() if _PROMPTS_FILE.value else [_PROMPT.value]
   if _OUTPUT.value and not os.path.isdir(os.path.dirname(os.path.abspath(_OUTPUT.value))):
     raise NotFound(f"--output={_OUTPUT.value}: its folder does not exist")
-  if _PRETRAINED.value:
-    from decoder_jax import pretrained  # imports the interop dependencies only when asked
-    trained = pretrained.load_pretrained(_PRETRAINED.value, dtype=_DTYPE.value)
-    logging.info("loaded %s", _PRETRAINED.value)
-  else:
-    trained = inference.with_dtype(inference.load_trained(_WORKDIR.value), _DTYPE.value)
-    logging.info("loaded step %d from %s", trained.step, _WORKDIR.value)
+  trained = inference.load_model(pretrained=_PRETRAINED.value, workdir=_WORKDIR.value,
+                                 dtype=_DTYPE.value)
   chat = _CHAT.value
   if chat and not _PROMPTS_FILE.value and not flags.FLAGS["prompt"].present:
     _converse(trained, sampler)
@@ -128,15 +123,10 @@ def _load_draft(trained):
   """The draft model of --draft_layers / --draft_pretrained / --draft_workdir, or None."""
   if _DRAFT_LAYERS.value is not None:
     return inference.self_draft(trained, _DRAFT_LAYERS.value)
-  if _DRAFT_PRETRAINED.value:
-    from decoder_jax import pretrained
-    draft = pretrained.load_pretrained(_DRAFT_PRETRAINED.value, dtype=_DTYPE.value)
-  elif _DRAFT_WORKDIR.value:
-    draft = inference.with_dtype(inference.load_trained(_DRAFT_WORKDIR.value), _DTYPE.value)
-  else:
+  if not (_DRAFT_PRETRAINED.value or _DRAFT_WORKDIR.value):
     return None
-  logging.info("draft model: %d layers", draft.config.num_layers)
-  return draft
+  return inference.load_model(pretrained=_DRAFT_PRETRAINED.value,
+                              workdir=_DRAFT_WORKDIR.value, dtype=_DTYPE.value)
 
 
 def _converse(trained, sampler) -> None:

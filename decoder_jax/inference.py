@@ -115,6 +115,22 @@ def _load_from_pretrained_run(workdir: str, config) -> TrainedModel:
   return TrainedModel(model_config, params, run.tokenizer, int(state.step))
 
 
+def load_model(*, pretrained: str | None = None, workdir: str | None = None,
+               dtype: str | None = None) -> TrainedModel:
+  """The model of a command's --pretrained (decoder_jax.load_pretrained's sources) or
+  --workdir (its latest checkpoint), run in `dtype`, with a log line saying which."""
+  from absl import logging
+
+  if pretrained:
+    from decoder_jax import pretrained as pretrained_lib  # the interop dependencies, when asked
+    trained = pretrained_lib.load_pretrained(pretrained, dtype=dtype)
+    logging.info("loaded %s", pretrained)
+    return trained
+  trained = with_dtype(load_trained(workdir), dtype)
+  logging.info("loaded step %d from %s", trained.step, workdir)
+  return trained
+
+
 def with_dtype(trained: TrainedModel, dtype: str | None) -> TrainedModel:
   """The model run in `dtype`: parameters cast to it (keeping their shardings), matmuls
   and the KV cache in it. None keeps the model as it is."""

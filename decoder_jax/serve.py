@@ -61,13 +61,8 @@ def main(argv):
                          _MAX_NEW_LIMIT.value)
   listener = _bind(_HOST.value, _PORT.value)
   source = _PRETRAINED.value or _WORKDIR.value
-  if _PRETRAINED.value:
-    from decoder_jax import pretrained  # imports the interop dependencies only when asked
-    trained = pretrained.load_pretrained(_PRETRAINED.value, dtype=_DTYPE.value)
-    logging.info("loaded %s", _PRETRAINED.value)
-  else:
-    trained = inference.with_dtype(inference.load_trained(_WORKDIR.value), _DTYPE.value)
-    logging.info("loaded step %d from %s", trained.step, _WORKDIR.value)
+  trained = inference.load_model(pretrained=_PRETRAINED.value, workdir=_WORKDIR.value,
+                                 dtype=_DTYPE.value)
   name = _MODEL_NAME.value or os.path.basename(os.path.normpath(source.split(":", 1)[-1]))
   app = app_lib.make_app(trained, model_name=name, max_batch=_MAX_BATCH.value,
                          max_queue=_MAX_QUEUE.value, batch_wait_ms=_BATCH_WAIT_MS.value,

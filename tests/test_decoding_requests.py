@@ -213,3 +213,36 @@ def test_stop_strings_through_the_generate_command(smol, tiny_pretrained, tmp_pa
   import json
   row = json.loads((tmp_path / "out.jsonl").read_text().splitlines()[0])
   assert row["text"] == text[:text.index(stop)] and row["finish_reason"] == "stop"
+
+
+def test_prompts_file_equals_each_prompt_alone_through_the_command(smol, tiny_pretrained,
+                                                                   tmp_path):
+  """The issue's check: six prompts, some longer than the context (256) less
+  max_new_tokens, decoded with --prompts_file (sampling at the default temperature) and
+  each alone with --prompt give the same text."""
+  import json
+  import subprocess
+  import sys
+
+  words = "the quick brown fox jumps over the lazy dog while the river runs".split()
+  long_prompt = lambda n, s: " ".join(words[(i * s) % len(words)] for i in range(n))  # noqa: E731
+  prompts = ["Hello", long_prompt(240, 3), "A", long_prompt(300, 5), "Once upon a time",
+             long_prompt(200, 7)]
+  lengths = [len(smol.tokenizer.encode(p)) for p in prompts]
+  assert sum(n + 24 > smol.config.max_length for n in lengths) >= 2, lengths
+  file = tmp_path / "prompts.txt"
+  file.write_text("\n".join(prompts) + "\n")
+
+  def run(*flags):
+    out = tmp_path / f"out{len(list(tmp_path.iterdir()))}.jsonl"
+    done = subprocess.run([sys.executable, "-m", "decoder_jax.generate",
+                           f"--pretrained={tiny_pretrained}", "--max_new_tokens=24",
+                           "--seed=3", f"--output={out}", *flags],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+  batch = run(f"--prompts_file={file}")
+  for i in (1, 3, 0):  # the two past the context, and a short one
+    alone = run(f"--prompt={prompts[i]}")[0]
+    assert alone["text"] == batch[i]["text"] and alone["tokens"] == batch[i]["tokens"], i
