@@ -14,11 +14,14 @@ from decoder_jax.data.tokenizers import CharTokenizer
 from decoder_jax.model import Decoder, ModelConfig
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz .\n"
+# init_std 0.3: at the default 0.02 a random model's greedy output repeats one token.
 CONFIGS = {
     "llama": ModelConfig(family="llama", vocab_size=len(ALPHABET), num_layers=2, num_heads=4,
-                         num_kv_heads=2, width=32, max_length=32, use_bias=False),
+                         num_kv_heads=2, width=32, max_length=32, use_bias=False,
+                         init_std=0.3),
     "gpt2_scan": ModelConfig(family="gpt2", vocab_size=len(ALPHABET), num_layers=2,
-                             num_heads=2, width=32, max_length=32, scan_layers=True),
+                             num_heads=2, width=32, max_length=32, scan_layers=True,
+                             init_std=0.3),
 }
 # Six prompts, three of them longer than the context (32) minus max_new_tokens (24).
 PROMPTS = ["the cat sat on the mat", "a", "hello there my friend how are you today",
@@ -32,14 +35,16 @@ def make_model(name, seed=0):
   return inference.TrainedModel(config, params, CharTokenizer.from_text(ALPHABET))
 
 
-@pytest.fixture(scope="module", params=list(CONFIGS))
-def trained(request):
-  return make_model(request.param)
+@pytest.fixture(scope="module")
+def trained():
+  return make_model("llama")
 
 
-@pytest.mark.parametrize("sampler", [decoding.Greedy(), decoding.TopK(6, 1.2)],
-                         ids=["greedy", "top_k"])
-def test_a_ragged_batch_past_the_context_decodes_each_prompt_as_alone(trained, sampler):
+@pytest.mark.parametrize("name, sampler", [("llama", decoding.Greedy()),
+                                           ("llama", decoding.TopK(6, 1.2)),
+                                           ("gpt2_scan", decoding.TopK(6, 1.2))])
+def test_a_ragged_batch_past_the_context_decodes_each_prompt_as_alone(name, sampler):
+  trained = make_model(name)
   batch = inference.generate_batch(trained, PROMPTS, max_new_tokens=24, sampler=sampler,
                                    seed=4)
   for prompt, result in zip(PROMPTS, batch):
@@ -47,21 +52,25 @@ def test_a_ragged_batch_past_the_context_decodes_each_prompt_as_alone(trained, s
                                      seed=4)[0]["samples"][0]
     assert result["samples"][0]["tokens"] == alone["tokens"], prompt
     assert len(alone["tokens"]) == 24  # no eos in this vocabulary: every row runs full
-    assert alone["text"] == inference.complete(trained, prompt, max_new_tokens=24,
-                                               sampler=sampler, seed=4)
+  assert batch[2]["samples"][0]["text"] == inference.complete(
+      trained, PROMPTS[2], max_new_tokens=24, sampler=sampler, seed=4)
 
 
 def test_windows_follow_the_documented_rule(trained):
   """Past the context, the next window is the last half of the window and its output:
   greedy tokens equal a window-by-window reference built from full forward passes."""
   config, model = trained.config, Decoder(trained.config)
+  # One fixed-width buffer (one compile); causality makes the padding after a window
+  # irrelevant to the logits at its last token.
   forward = jax.jit(lambda t: model.apply({"params": trained.params}, t)[0])
   prompt = inference.encode_prompt(trained.tokenizer, PROMPTS[2])  # 39 tokens > context
-  keep, window, expected = config.max_length // 2, None, []
+  keep, expected = config.max_length // 2, []
   window = prompt[-keep:]
   while len(expected) < 40:
-    logits = forward(jnp.asarray([window]))
-    token = int(jnp.argmax(logits[0, -1]))
+    buffer = np.zeros((1, config.max_length), np.int32)
+    buffer[0, :len(window)] = window
+    logits = forward(jnp.asarray(buffer))
+    token = int(jnp.argmax(logits[0, len(window) - 1]))
     expected.append(token)
     window = window + [token]
     if len(window) == config.max_length:
@@ -243,6 +252,6 @@ def test_prompts_file_equals_each_prompt_alone_through_the_command(smol, tiny_pr
     return [json.loads(line) for line in out.read_text().splitlines()]
 
   batch = run(f"--prompts_file={file}")
-  for i in (1, 3, 0):  # the two past the context, and a short one
+  for i in (1, 3):  # the two past the context (a short one: the library tests above)
     alone = run(f"--prompt={prompts[i]}")[0]
     assert alone["text"] == batch[i]["text"] and alone["tokens"] == batch[i]["tokens"], i

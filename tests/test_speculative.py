@@ -17,14 +17,17 @@ from decoder_jax.errors import ConfigError
 from decoder_jax.model import Decoder, ModelConfig
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz .\n"
+# init_std 0.3: at the default 0.02 a random model's greedy output repeats one token, which
+# would make "the same tokens" an easy test.
 TARGETS = {
     "llama": ModelConfig(family="llama", vocab_size=len(ALPHABET), num_layers=3, num_heads=4,
-                         num_kv_heads=2, width=32, max_length=48, use_bias=False),
+                         num_kv_heads=2, width=32, max_length=48, use_bias=False,
+                         init_std=0.3),
     "gpt2": ModelConfig(family="gpt2", vocab_size=len(ALPHABET), num_layers=3, num_heads=2,
-                        width=32, max_length=48),
+                        width=32, max_length=48, init_std=0.3),
     "llama_scan": ModelConfig(family="llama", vocab_size=len(ALPHABET), num_layers=3,
                               num_heads=4, num_kv_heads=2, width=32, max_length=48,
-                              use_bias=False, scan_layers=True),
+                              use_bias=False, scan_layers=True, init_std=0.3),
 }
 PROMPTS = ["the cat sat", "a", "hello there", "xy z"]
 
@@ -39,35 +42,39 @@ def tokens_of(results):
   return [r["samples"][0]["tokens"] for r in results]
 
 
-@pytest.mark.parametrize("name", list(TARGETS))
-@pytest.mark.parametrize("num_draft", [1, 3])
-def test_greedy_speculative_equals_plain_greedy(name, num_draft):
+@pytest.mark.parametrize("name, num_draft, kind", [
+    ("llama", 1, "self"), ("llama", 3, "separate"), ("gpt2", 3, "self"),
+    ("llama_scan", 3, "separate"), ("llama_scan", 2, "self")])
+def test_greedy_speculative_equals_plain_greedy(name, num_draft, kind):
   target = model(TARGETS[name], 0)
-  separate = model(dataclasses.replace(TARGETS[name], num_layers=1, width=16), 5)
   plain = inference.generate_batch(target, PROMPTS, max_new_tokens=20)
-  for draft in (inference.self_draft(target, 1), separate):
-    spec = inference.generate_batch(target, PROMPTS, max_new_tokens=20, draft=draft,
-                                    num_draft=num_draft)
-    assert tokens_of(spec) == tokens_of(plain)
-    for a, b in zip(spec, plain):
-      np.testing.assert_allclose(a["samples"][0]["logprob"], b["samples"][0]["logprob"],
-                                 atol=1e-4)
+  draft = (inference.self_draft(target, 1) if kind == "self" else
+           model(dataclasses.replace(TARGETS[name], num_layers=1, width=16), 5))
+  spec = inference.generate_batch(target, PROMPTS, max_new_tokens=20, draft=draft,
+                                  num_draft=num_draft)
+  assert tokens_of(spec) == tokens_of(plain)
+  for a, b in zip(spec, plain):
+    np.testing.assert_allclose(a["samples"][0]["logprob"], b["samples"][0]["logprob"],
+                               atol=1e-4)
 
 
 def test_stop_tokens_and_min_new_tokens_end_rows_as_plain_decoding():
   target = model(TARGETS["llama"], 0)
   free = tokens_of(inference.generate_batch(target, PROMPTS, max_new_tokens=16))
-  eos = free[0][5]  # a token row 0 emits: the rows that emit it stop there
-  kwargs = dict(max_new_tokens=16, sampler=decoding.Greedy(), eos_id=eos)
-  for min_new in (0, 8):
-    ids = [inference.encode_prompt(target.tokenizer, p) for p in PROMPTS]
-    plain = inference.generate_ids(target, ids, min_new_tokens=min_new, **kwargs)
-    spec = inference.generate_ids(target, ids, min_new_tokens=min_new,
-                                  draft=inference.self_draft(target, 2), num_draft=3, **kwargs)
-    for a, b in zip(plain, spec):
-      assert (a[0].length, a[0].stopped) == (b[0].length, b[0].stopped)
-      assert a[0].tokens[:a[0].length].tolist() == b[0].tokens[:b[0].length].tolist()
-  assert plain[0][0].length > 6  # min_new_tokens=8 held row 0's stop back
+  # A stop token that row `r` first emits at j >= 8: with min_new_tokens=8 (which masks it
+  # until then, in every row) row r still stops there.
+  r, j = next((r, j) for r, row in enumerate(free) for j in range(8, 16)
+              if row[j] not in row[:j])
+  kwargs = dict(max_new_tokens=16, sampler=decoding.Greedy(), eos_id=free[r][j],
+                min_new_tokens=8)
+  ids = [inference.encode_prompt(target.tokenizer, p) for p in PROMPTS]
+  plain = inference.generate_ids(target, ids, **kwargs)
+  spec = inference.generate_ids(target, ids, draft=inference.self_draft(target, 2),
+                                num_draft=3, **kwargs)
+  for a, b in zip(plain, spec):
+    assert (a[0].length, a[0].stopped) == (b[0].length, b[0].stopped)
+    assert a[0].tokens[:a[0].length].tolist() == b[0].tokens[:b[0].length].tolist()
+  assert (plain[r][0].length, plain[r][0].stopped) == (j + 1, True)
 
 
 def test_a_draft_equal_to_the_target_has_every_token_accepted():
@@ -89,15 +96,18 @@ TINY = ModelConfig(family="llama", vocab_size=V, num_layers=2, num_heads=2, num_
 TINY_DRAFT = dataclasses.replace(TINY, num_layers=1)
 
 
+def tiny_params(config, seed):
+  return nn.unbox(Decoder(config).init(jax.random.key(seed), jnp.zeros((1, 4), jnp.int32))
+                  ["params"])
+
+
 @pytest.mark.parametrize("sampler", [decoding.Temperature(1.0), decoding.TopK(3, 0.8),
                                      decoding.TopP(0.9, 2.0)], ids=["t1", "top_k", "top_p"])
 def test_sampling_draws_from_the_targets_own_distribution(sampler):
   """20,000 draws of 4 tokens (the first from the prefill, the others from up to two
   speculative steps, which accept, refuse and take the bonus token) against the exact
   probabilities of the target's sampler over all 625 continuations."""
-  init = lambda c, s: nn.unbox(Decoder(c).init(jax.random.key(s), jnp.zeros((1, 4), jnp.int32))  # noqa: E731
-                               ["params"])
-  target, draft = init(TINY, 0), init(TINY_DRAFT, 1)
+  target, draft = tiny_params(TINY, 0), tiny_params(TINY_DRAFT, 1)
   prompt, n_new, n = [1, 3], 4, 20000
   result = inference.speculative_tokens(
       target, draft, np.tile(np.asarray([prompt], np.int32), (n, 1)),
@@ -129,9 +139,7 @@ def test_sampling_draws_from_the_targets_own_distribution(sampler):
 def test_the_rule_is_needed_for_the_test_to_pass():
   """The chi-square above can fail: the draft's own samples (what speculative decoding
   would give with every token accepted) are rejected by it."""
-  init = lambda c, s: nn.unbox(Decoder(c).init(jax.random.key(s), jnp.zeros((1, 4), jnp.int32))  # noqa: E731
-                               ["params"])
-  target, draft = init(TINY, 0), init(TINY_DRAFT, 1)
+  target, draft = tiny_params(TINY, 0), tiny_params(TINY_DRAFT, 1)
   n = 20000
   result = inference.generate_tokens(draft, np.tile(np.asarray([[1, 3]], np.int32), (n, 1)),
                                      np.full((n,), 2, np.int32),

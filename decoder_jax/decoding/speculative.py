@@ -83,6 +83,10 @@ def _categorical(rng, logits):  # logits [rows, vocab] -> int32 [rows]
                      rng).astype(jnp.int32)
 
 
+def _write_at(buffer, chunk, at):  # one row: chunk [n] into buffer [width] from index `at`
+  return jax.lax.dynamic_update_slice(buffer, chunk, (at,))
+
+
 def _leading_true(mask):
   """bool [rows, k] -> int32 [rows]: how many entries are True before the first False."""
   return jnp.sum(jnp.cumprod(mask.astype(jnp.int32), axis=1), axis=1)
@@ -197,10 +201,12 @@ def speculative_generate(target_fn: Callable, draft_fn: Callable, target_cache, 
     logprob = jnp.take_along_axis(jax.nn.log_softmax(target_logits), emitted[:, :, None],
                                   axis=2)[..., 0]  # [rows, k + 1]
     valid = offsets[None] < n[:, None]
-    write = lambda buffer, chunk, at: jax.lax.dynamic_update_slice(buffer, chunk, (at,))  # noqa: E731
-    generated = jax.vmap(write)(s.generated, jnp.where(valid, emitted, pad_id), s.count)
-    logprobs = jax.vmap(write)(s.logprobs, jnp.where(valid, logprob, 0.0), s.count)
-    pick = lambda index: jnp.take_along_axis(emitted, jnp.maximum(index, 0)[:, None], 1)[:, 0]  # noqa: E731
+    generated = jax.vmap(_write_at)(s.generated, jnp.where(valid, emitted, pad_id), s.count)
+    logprobs = jax.vmap(_write_at)(s.logprobs, jnp.where(valid, logprob, 0.0), s.count)
+
+    def pick(index):  # emitted[row, index[row]] ([rows]), index clipped at 0
+      return jnp.take_along_axis(emitted, jnp.maximum(index, 0)[:, None], axis=1)[:, 0]
+
     live = ~s.done
     count = s.count + n
     return SpeculativeState(
