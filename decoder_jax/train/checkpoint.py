@@ -3,18 +3,31 @@
 A checkpoint step holds two items: `state` (the sharded TrainState arrays) and `data`
 (the grain iterator state, JSON), so a resumed run continues on exactly the batches an
 uninterrupted run would have seen.
+
+Faults: orbax writes each step into a temporary folder and renames it when complete, so a
+process killed mid-write leaves no step behind (its temporary folder is removed at the next
+start); a step that cannot be read back (truncated, corrupted) is moved to
+WORKDIR/checkpoints_unreadable and the previous one restored; a write that fails (a full
+disk) ends the run with one line while the earlier steps stay as they were.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 
-from decoder_jax.errors import ConfigError
+from decoder_jax import distributed
+from decoder_jax.errors import ConfigError, RunFailed
+
+UNREADABLE_DIR = "checkpoints_unreadable"
 
 
 def _state_handler() -> ocp.PyTreeCheckpointHandler:
@@ -63,14 +76,14 @@ def latest_step(workdir: str) -> int | None:
 
 
 def make_manager(workdir: str, every_steps: int, keep: int, async_writes: bool = True):
-  # Every `every_steps` steps and when the job is preempted; not orbax's default extra save
-  # at a fresh run's first step (the loop also saves at its last step and when stopped).
-  policies = ocp.checkpoint_managers
-  save_policy = policies.AnySavePolicy([policies.FixedIntervalPolicy(max(1, every_steps)),
-                                        policies.PreemptionCheckpointingPolicy()])
+  # Every `every_steps` steps; not orbax's default extra save at a fresh run's first step.
+  # The loop also saves at its last step and when stopped (SIGTERM, on any process: its
+  # own agreement, train/stopping.py, not orbax's preemption policy).
+  save_policy = ocp.checkpoint_managers.FixedIntervalPolicy(max(1, every_steps))
   options = ocp.CheckpointManagerOptions(
       save_decision_policy=save_policy, max_to_keep=keep,
-      enable_async_checkpointing=async_writes, create=True)
+      enable_async_checkpointing=async_writes, create=True,
+      cleanup_tmp_directories=True)  # what a killed write left
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
                                options=options,
                                item_handlers={"state": _state_handler(),
@@ -159,3 +172,58 @@ def restore(manager, abstract_state, step: int | None = None):
   restored = manager.restore(step, args=ocp.args.Composite(
       state=_pytree_restore(abstract_state), data=ocp.args.JsonRestore()))
   return restored["state"], restored["data"]
+
+
+def restore_readable(manager, abstract_state, workdir: str):
+  """(state, data_state) of the newest step that reads back whole, on every process.
+
+  A step that fails to read (a truncated or corrupted file) is moved to
+  WORKDIR/checkpoints_unreadable/<step>, with a warning, and the one before it is tried;
+  a step written by a differently shaped model is the user's to fix (ConfigError).
+  """
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      restored, failure = restore(manager, abstract_state, step), None
+    except ConfigError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except  # orbax/tensorstore read errors
+      restored, failure = None, e
+    if not distributed.any_process(failure is not None):
+      return restored
+    reason = " ".join(str(failure).split())[:200] if failure else "unreadable on another process"
+    aside = os.path.join(os.path.abspath(workdir), UNREADABLE_DIR, str(step))
+    logging.warning("the checkpoint at step %d cannot be read (%s): moved to %s, trying the "
+                    "one before it", step, reason, aside)
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(aside), exist_ok=True)
+      shutil.rmtree(aside, ignore_errors=True)  # one left by an earlier fallback
+      shutil.move(os.path.join(manager.directory, str(step)), aside)
+    multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
+    manager.reload()
+  raise RunFailed(f"no checkpoint in {manager.directory} can be read (the unreadable ones "
+                  f"are in {os.path.join(workdir, UNREADABLE_DIR)}); use a fresh --workdir")
+
+
+def _disk_full(e: BaseException) -> bool:
+  """Whether `e` (or what caused it) is a write refused for lack of space: OSError ENOSPC
+  or the same from tensorstore, which orbax re-raises as ValueError with the OS code."""
+  while e is not None:
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+      return True
+    if "No space left on device" in str(e) or "os_error_code='28'" in str(e):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
+def write_failure(e: BaseException, manager) -> RunFailed | None:
+  """The one-line error for a write into the workdir (a checkpoint, the metrics) that
+  failed for lack of space, else None (a bug or another fault keeps its traceback)."""
+  if not _disk_full(e):
+    return None
+  steps = manager.all_steps(read=True)
+  kept = (f"the last complete checkpoint, step {max(steps)}, is intact" if steps
+          else "no checkpoint was complete")
+  return RunFailed(f"writing into {os.path.dirname(manager.directory)} failed: no space left "
+                   f"on the device; {kept}. Free space (or lower train.keep_checkpoints) and "
+                   "run the same command again to resume")

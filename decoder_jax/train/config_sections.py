@@ -54,6 +54,11 @@ def train_section(**fields) -> ml_collections.ConfigDict:
       loss_chunk_size=config_dict.placeholder(int),
       # Trace this many steps (from the third of the run) into WORKDIR/profile.
       profile_steps=config_dict.placeholder(int),
+      # A nan or inf loss (or gradient): "stop" ends the run naming the step, its last
+      # checkpoint from before it; "skip" leaves such steps' parameters unchanged
+      # (optax.apply_if_finite) and stops after more than max_nonfinite_skips in a row.
+      on_nonfinite="stop",
+      max_nonfinite_skips=10,
   )
   values.update(fields)
   return ml_collections.ConfigDict(values)

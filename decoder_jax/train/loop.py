@@ -7,7 +7,6 @@ import itertools
 import json
 import math
 import os
-import signal
 import time
 
 import flax.linen as nn
@@ -22,7 +21,7 @@ from decoder_jax.errors import ConfigError, RunFailed
 from decoder_jax import peft
 from decoder_jax.peft import combine
 from decoder_jax.train import state as state_lib
-from decoder_jax.train import checkpoint, compile_ahead, optimizer, setup, sharding, steps
+from decoder_jax.train import checkpoint, compile_ahead, optimizer, setup, sharding, steps, stopping
 from decoder_jax.train.metrics import MetricWriter, Progress
 # Re-exported: inference, pretrained and convert name a workdir's model config file by it.
 from decoder_jax.train.setup import MODEL_CONFIG_FILE
@@ -127,30 +126,6 @@ class DevicePrefetch:
 
   def get_state(self):
     return self._ahead[0] if self._ahead is not None else self._iterator.get_state()
-
-
-class _StopRequest:
-  """Turns SIGTERM / Ctrl-C into a flag the loop checks after each step."""
-
-  def __init__(self):
-    self.signal_name = None
-    self._previous = {}
-
-  def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      self._previous[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    if self.signal_name is not None and signum == signal.SIGINT:
-      raise KeyboardInterrupt  # a second Ctrl-C aborts without waiting for the checkpoint
-    self.signal_name = signal.Signals(signum).name
-    logging.warning("%s received: saving a checkpoint after this step, then exiting",
-                    self.signal_name)
-
-  def __exit__(self, *exc):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
 
 
 def split_host_cpu(num_devices) -> None:
@@ -322,6 +297,10 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
     raise ConfigError(f"data.eval_batch_size ({config.data.eval_batch_size}) must be divisible "
                       f"by the data-parallel size {sharding.data_parallel_size(mesh)}")
   is_writer = jax.process_index() == 0
+  nonfinite = stopping.check_choice(train_cfg)
+  if jax.process_count() > 1 and config.get("task") is not None:
+    raise ConfigError("task fine-tuning (config.task) runs in one process for now: its "
+                      "evaluation decodes on one host; start it without launch/local.sh")
 
   resuming = checkpoint.latest_step(workdir) is not None
   peft_run = setup.uses_peft(config)  # checkpoints hold the trainable half only
@@ -376,8 +355,8 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
       sharding.LOGICAL_AXIS_RULES)))
   try:
     step_programs = {}
+    one_batch = _peek_abstract_batch(datasets.train_iter, batch_sharding)
     if call_list:
-      one_batch = _peek_abstract_batch(datasets.train_iter, batch_sharding)
       for size in sorted(set(call_list)):
         step_programs[size] = ahead.program(
             train_step if size == 1 else multi_step, abstract, abstract_frozen,
@@ -390,10 +369,18 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
                                 sharding.abstract_like(_global_batch(first_eval, batch_sharding)),
                                 background=True)
 
-    if resuming:
-      state, data_state = checkpoint.restore(manager, abstract, first_step)
+    if resuming:  # the newest step that reads back, which may be older than first_step
+      state, data_state = checkpoint.restore_readable(manager, abstract, workdir)
       datasets.train_iter.set_state(data_state)
       logging.info("resumed from %s at step %d", manager.directory, int(state.step))
+      if int(state.step) != first_step:
+        first_step = int(state.step)
+        call_list = list(call_sizes(first_step, end_step, per_call))
+        for size in set(call_list) - set(step_programs):
+          step_programs[size] = ahead.program(
+              train_step if size == 1 else multi_step, abstract, abstract_frozen,
+              _stacked_abstract(one_batch, size, stacked_sharding), dropout_rng,
+              varying_argnums=(2,))
     if not resuming or peft_run:  # their checkpoints hold the trainable half only
       trainable, frozen = setup.split_params(run, setup.initial_params(run, mesh, init_rng),
                                              frozen_shardings, config)
@@ -418,6 +405,12 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
   logging.info("model: %s, %.3fM parameters, %.3fM trainable (%.2f%%); mesh %s",
                model_config.family, num_total / 1e6, num_trainable / 1e6,
                100 * num_trainable / num_total, dict(mesh.shape))
+  if jax.process_count() > 1:
+    logging.info("process %d of %d: %d of the mesh's %d devices, batch rows %d-%d",
+                 jax.process_index(), jax.process_count(), jax.local_device_count(),
+                 jax.device_count(), jax.process_index() * train_cfg.batch_size //
+                 jax.process_count(), (jax.process_index() + 1) * train_cfg.batch_size //
+                 jax.process_count() - 1)
 
   step = int(state.step)
   writer = MetricWriter(workdir, enabled=is_writer, resume_step=step)
@@ -434,8 +427,13 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
   # operations separately on first use (about 0.6 s of start-up on a 2-core CPU).
   learning_rate_at = jax.jit(optimizer.learning_rate_schedule(train_cfg))
   # Each entry a step's scalar or a call's [steps] array: the mean over steps, the last norm.
-  summarize_metrics = jax.jit(lambda losses, grad_norms: (
-      jnp.mean(jnp.concatenate([jnp.ravel(x) for x in losses])), jnp.ravel(grad_norms)[-1]))
+  # Steps skipped for a non-finite loss (train.on_nonfinite=skip) stay out of the mean.
+  def summarize(losses, grad_norms):
+    losses = jnp.concatenate([jnp.ravel(x) for x in losses])  # [steps since the last log]
+    finite = jnp.isfinite(losses)
+    mean = jnp.sum(jnp.where(finite, losses, 0.0)) / jnp.sum(finite)  # nan if none is
+    return mean, jnp.ravel(grad_norms)[-1]
+  summarize_metrics = jax.jit(summarize)
 
   def write_train_metrics(logged_step, device_metrics):
     # One device op and one transfer for the whole log interval: fetching each step's
@@ -446,13 +444,24 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
                  "train/grad_norm": float(grad_norm),
                  "train/learning_rate": float(learning_rate_at(logged_step - 1)),
                  **progress.rates(logged_step)})
+    skipped = stopping.skipped_steps(state.opt_state)
+    if skipped is not None:
+      last["train/skipped_steps"] = int(skipped)
     writer.write(logged_step, {k: v for k, v in last.items() if k.startswith("train/")})
     progress.log(logged_step, {k: v for k, v in last.items() if k.startswith("train/")})
 
+  guard = stopping.NonFiniteGuard(nonfinite, train_cfg.get("max_nonfinite_skips") or 10,
+                                  manager.directory)
+  last_saved = first_step if resuming else None
+
+  def save(step, force):  # the state checked finite first: a bad one is never written
+    guard.check(state.opt_state, last_saved)
+    return checkpoint.save(manager, step, state, batches.get_state(), force=force)
+
   try:
-    with (_StopRequest() as stop, jax.set_mesh(mesh),
+    with (stopping.StopRequest() as stop, jax.set_mesh(mesh),
           nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES)):
-      while step < end_step and stop.signal_name is None:
+      while step < end_step and not stop.requested:
         size, batch = next(batches, (0, None))
         if size not in step_programs:  # the train iterator is endless unless replaced
           raise RunFailed(f"the training data ended at step {step + size}, before "
@@ -460,9 +469,12 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
                           f"checkpoint are in {manager.directory}")
         state, metrics = step_programs[size](state, frozen, batch, dropout_rng)
         in_flight.add(metrics["loss"])
+        guard.add(step, metrics)
         step += size
         profiler.after_step(step, metrics)
+        stopping_now = stop.after_call()  # the same on every process
         if unlogged is not None:
+          guard.check(state.opt_state, last_saved)
           write_train_metrics(*unlogged)
           unlogged = None
         pending.append(metrics)
@@ -470,27 +482,39 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
         if step % train_cfg.log_every == 0 or is_last:
           unlogged, pending = (step, pending), []
         is_eval = step % train_cfg.eval_every == 0 or is_last
-        force = is_last or step == stop_at or stop.signal_name is not None
+        force = is_last or step == stop_at or stopping_now
         if unlogged is not None and (is_eval or force or manager.should_save(step)):
+          guard.check(state.opt_state, last_saved)
           write_train_metrics(*unlogged)  # the host waits here anyway
           unlogged = None
         if is_eval:
+          guard.check(state.opt_state, last_saved)
           evaluated = task_evaluator(step, state.params, frozen, lambda: evaluate(
               eval_step, state.params, frozen, datasets, batch_sharding))
           writer.write(step, evaluated)
           logging.info("step %d  %s", step,
                        "  ".join(f"{k}={v:.4f}" for k, v in evaluated.items()))
           last.update(evaluated)
-        if force or manager.should_save(step):
-          checkpoint.save(manager, step, state, batches.get_state(), force=force)
+        if (force or manager.should_save(step)) and save(step, force):
+          last_saved = step
+    manager.wait_until_finished()  # an asynchronous write's failure surfaces here
+  except Exception as e:  # pylint: disable=broad-except  # a full disk, from either place
+    failure = checkpoint.write_failure(e, manager)
+    if failure is None:
+      raise
+    raise failure from e
   finally:  # an exception still lets an in-flight checkpoint finish writing
     ahead.close()
     profiler.stop()
-    manager.wait_until_finished()
-    manager.close()
+    try:
+      manager.wait_until_finished()
+      manager.close()
+    except Exception as e:  # pylint: disable=broad-except
+      if checkpoint.write_failure(e, manager) is None:
+        raise
     writer.close()
-  if stop.signal_name is not None:
-    logging.warning("stopped by %s at step %d; checkpoint saved in %s", stop.signal_name, step,
-                    workdir)
+  if stop.requested:
+    logging.warning("stopped by %s at step %d; checkpoint saved in %s",
+                    stop.signal_name or "another process's signal", step, workdir)
   logging.info("trained to step %d in %.1f s", step, time.perf_counter() - start)
   return last

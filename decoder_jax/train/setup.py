@@ -22,6 +22,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 from absl import logging
 from flax import traverse_util
 
@@ -66,10 +67,13 @@ def uses_peft(config) -> bool:
 
 def make_optimizer(train_config, model_config: ModelConfig):
   """The run's optimizer: AdamW (train/optimizer.py), wrapped in AdaLoRA's rank
-  allocation when the model uses AdaLoRA."""
+  allocation when the model uses AdaLoRA, and in optax.apply_if_finite with
+  train.on_nonfinite=skip."""
   tx = optimizer.make_optimizer(train_config)
   if model_config.adalora is not None:
     tx = peft.adalora.allocator(tx, model_config, train_config.num_steps)
+  if train_config.get("on_nonfinite") == "skip":  # outermost: nothing updates on a bad step
+    tx = optax.apply_if_finite(tx, train_config.get("max_nonfinite_skips") or 10)
   return tx
 
 
