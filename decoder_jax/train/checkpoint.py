@@ -190,7 +190,9 @@ def restore_readable(manager, abstract_state, workdir: str):
       restored, failure = None, e
     if not distributed.any_process(failure is not None):
       return restored
-    reason = " ".join(str(failure).split())[:200] if failure else "unreadable on another process"
+    # tensorstore's messages end in a dump of the array spec: keep what comes before it
+    reason = (" ".join(str(failure).split()).split(" See full")[0][:200] if failure
+              else "unreadable on another process")
     aside = os.path.join(os.path.abspath(workdir), UNREADABLE_DIR, str(step))
     logging.warning("the checkpoint at step %d cannot be read (%s): moved to %s, trying the "
                     "one before it", step, reason, aside)
@@ -221,7 +223,8 @@ def write_failure(e: BaseException, manager) -> RunFailed | None:
   failed for lack of space, else None (a bug or another fault keeps its traceback)."""
   if not _disk_full(e):
     return None
-  steps = manager.all_steps(read=True)
+  manager.reload()  # the steps on disk now, without the one that failed
+  steps = manager.all_steps()
   kept = (f"the last complete checkpoint, step {max(steps)}, is intact" if steps
           else "no checkpoint was complete")
   return RunFailed(f"writing into {os.path.dirname(manager.directory)} failed: no space left "

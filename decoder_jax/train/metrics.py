@@ -109,10 +109,22 @@ class _DropLibraryInfo(logging_std.Filter):
   def filter(self, record):
     if record.getMessage().startswith("Using custom data configuration"):
       return False  # tfds, for every local corpus: our builders always have one
+    if "/orbax/" in record.pathname and record.exc_info:
+      # orbax's writer threads log a failed write (a full disk) with its traceback, then
+      # the loop re-raises it as one `error:` line: their message line is enough.
+      record.exc_info, record.exc_text = None, None
     return record.levelno >= logging_std.WARNING or "decoder_jax" in record.pathname
+
+
+def _quiet_closed_loop(unraisable, default=sys.unraisablehook) -> None:
+  # After a failed asynchronous checkpoint write, tensorstore's callbacks still try to wake
+  # orbax's already closed asyncio loop; that is no news for the user.
+  if "Event loop is closed" not in str(unraisable.exc_value):
+    default(unraisable)
 
 
 def quiet_library_logs() -> None:
   """Console shows decoder_jax's progress lines; other libraries only when they warn."""
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_DropLibraryInfo())
+  sys.unraisablehook = _quiet_closed_loop
