@@ -1,4 +1,4 @@
-"""The cluster launchers: launch/tpu_pod.sh and launch/gpu_slurm.sbatch.
+"""The launchers: launch/local.sh, launch/tpu_pod.sh and launch/gpu_slurm.sbatch.
 
 Each test runs a script in a subprocess. The dry runs' printed commands are parsed back
 into argument lists (shlex, and the remote command of the TPU run again) and checked. Real
@@ -21,6 +21,7 @@ from conftest import REPO
 LAUNCH = REPO / "launch"
 TPU_POD = LAUNCH / "tpu_pod.sh"
 GPU_SLURM = LAUNCH / "gpu_slurm.sbatch"
+LOCAL = LAUNCH / "local.sh"
 BASH = shutil.which("bash")
 
 TRAIN = ["python", "-m", "decoder_jax.train", "--distributed=on"]
@@ -397,3 +398,40 @@ def test_shellcheck_clean():
   assert result.returncode == 0, result.stdout + result.stderr
   for script in (TPU_POD, GPU_SLURM):
     assert os.access(script, os.X_OK), f"{script} is executable"
+
+
+def test_local_dry_run_starts_each_process_with_its_place_and_the_same_flags():
+  done = _run(LOCAL, "--dry_run", "--port", "23456", "--log_dir", "/tmp/logs", "3", "--",
+              *TRAIN_FLAGS, env=_env(PYTHON="python"))
+  assert done.returncode == 0, done.stderr
+  lines = done.stdout.splitlines()
+  assert len(lines) == 3 and all(line.startswith("+ (cd ") for line in lines)
+  for index, line in enumerate(lines):
+    words = shlex.split(line[2:].strip("()").split("&&", 1)[1].strip().rstrip(")"))
+    if index:  # processes 1.. write to their log files
+      assert words[-3:] == [">", f"/tmp/logs/process_{index}.log", "2>&1"]
+      words = words[:-3]
+    assert words[:4] == ["env", "JAX_COORDINATOR_ADDRESS=127.0.0.1:23456",
+                         "JAX_NUM_PROCESSES=3", f"JAX_PROCESS_ID={index}"]
+    assert words[4:] == [*TRAIN, *TRAIN_FLAGS, "--config.mesh.num_cpu_devices=1"]
+
+
+def test_local_keeps_a_device_count_the_train_flags_set():
+  done = _run(LOCAL, "--dry_run", "2", "--", *TRAIN_FLAGS, "--config.mesh.num_cpu_devices=4",
+              env=_env(PYTHON="python"))
+  assert done.returncode == 0, done.stderr
+  assert all(line.count("num_cpu_devices") == 1 for line in done.stdout.splitlines())
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "give NUM_PROCESSES"),
+    (["two", "--", "--workdir=w"], "NUM_PROCESSES must be a positive integer"),
+    (["2"], "give the train flags after --"),
+    (["--frobnicate", "2", "--", "--workdir=w"], "unknown option --frobnicate"),
+    (["2", "3", "--", "--workdir=w"], "unexpected argument 3"),
+])
+def test_local_usage_errors_are_one_line(args, message):
+  done = _run(LOCAL, *args)
+  assert done.returncode == 2
+  first = done.stderr.splitlines()[0]
+  assert first.startswith("error: ") and message in first, done.stderr
