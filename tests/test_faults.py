@@ -22,18 +22,25 @@ from test_train import read_metrics, run_cli, tiny_config
 FIXED_SCHEDULE = "--config.train.decay_steps=40"
 
 
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory):
+  """run_cli's env_update for one persistent compilation cache: the reruns of a test (the
+  resume, the run to compare with) read their programs from it."""
+  return {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("compile_cache"))}
+
+
 def saved_steps(workdir):
   return checkpoint.latest_step(str(workdir)) and sorted(
       int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
 
 
 def test_kill_during_an_asynchronous_checkpoint_write_resumes_from_the_last_complete_one(
-    data_dir, tmp_path):
+    data_dir, tmp_path, cached):
   workdir = tmp_path / "killed"
   proc = run_cli(workdir, data_dir, tmp_path, "--config.train.num_steps=100000",
                  FIXED_SCHEDULE, "--config.train.checkpoint_every=2",
                  "--config.train.keep_checkpoints=100", "--config.train.async_checkpoints=true",
-                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env_update=cached)
   checkpoints, deadline = workdir / "checkpoints", time.time() + 240
   writing = []  # orbax writes a step into <step>.orbax-checkpoint-tmp, renamed when complete
   while not writing and time.time() < deadline:
@@ -49,47 +56,47 @@ def test_kill_during_an_asynchronous_checkpoint_write_resumes_from_the_last_comp
 
   end = complete + 4
   resumed = run_cli(workdir, data_dir, tmp_path, f"--config.train.num_steps={end}",
-                    FIXED_SCHEDULE, "--config.train.checkpoint_every=2")
+                    FIXED_SCHEDULE, "--config.train.checkpoint_every=2", env_update=cached)
   assert f"at step {complete}" in resumed.stderr
   assert not [p for p in checkpoints.iterdir() if "tmp" in p.name]  # the partial one is gone
   straight = tmp_path / "straight"
-  run_cli(straight, data_dir, tmp_path, f"--config.train.num_steps={end}", FIXED_SCHEDULE)
+  run_cli(straight, data_dir, tmp_path, f"--config.train.num_steps={end}", FIXED_SCHEDULE, env_update=cached)
   assert read_metrics(workdir, "train/loss") == read_metrics(straight, "train/loss")
   assert read_metrics(workdir, "eval/loss")[end] == read_metrics(straight, "eval/loss")[end]
 
 
 def test_a_truncated_latest_checkpoint_falls_back_to_the_one_before(data_dir, tmp_path, caplog):
   caplog.set_level(logging.INFO)
-  workdir = str(tmp_path / "w")
-  loop.train_and_evaluate(tiny_config(data_dir, tmp_path, num_steps=4, checkpoint_every=2,
-                                      decay_steps=6), workdir)
+  workdir, one_device = str(tmp_path / "w"), jax.devices()[:1]
+  train = lambda steps, directory, **more: loop.train_and_evaluate(
+      tiny_config(data_dir, tmp_path, num_steps=steps, decay_steps=6, **more), directory,
+      devices=one_device)
+  train(4, workdir, checkpoint_every=2)
   data_files = [p for p in pathlib.Path(workdir, "checkpoints", "4", "state").rglob("*")
                 if p.is_file() and "/d/" in str(p)]
   largest = max(data_files, key=lambda p: p.stat().st_size)
   with open(largest, "r+b") as f:  # cut to a third, as a crash of the storage might
     f.truncate(largest.stat().st_size // 3)
 
-  resumed = loop.train_and_evaluate(
-      tiny_config(data_dir, tmp_path, num_steps=6, checkpoint_every=2, decay_steps=6), workdir)
+  resumed = train(6, workdir, checkpoint_every=2)
   assert "the checkpoint at step 4 cannot be read" in caplog.text
   assert "resumed from" in caplog.text and "at step 2" in caplog.text
   assert (pathlib.Path(workdir) / checkpoint.UNREADABLE_DIR / "4" / "state").is_dir()
-  straight = loop.train_and_evaluate(
-      tiny_config(data_dir, tmp_path, num_steps=6, decay_steps=6), str(tmp_path / "straight"))
+  straight = train(6, str(tmp_path / "straight"))
   assert resumed["eval/loss"] == straight["eval/loss"]
   assert read_metrics(workdir, "train/loss") == read_metrics(tmp_path / "straight", "train/loss")
 
 
 def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_good_checkpoints(
-    data_dir, tmp_path):
+    data_dir, tmp_path, cached):
   workdir = tmp_path / "w"
   run_cli(workdir, data_dir, tmp_path, "--config.train.num_steps=4",
-          "--config.train.checkpoint_every=2")
+          "--config.train.checkpoint_every=2", env_update=cached)
   # Resumed with an absurd learning rate, the first update sends the weights to ~1e30 and
   # the next loss is nan.
   failed = run_cli(workdir, data_dir, tmp_path, "--config.train.num_steps=10",
                    "--config.train.checkpoint_every=2", "--config.train.learning_rate=1e30",
-                   check=False)
+                   check=False, env_update=cached)
   assert failed.returncode == 1, failed.stderr[-3000:]
   last = failed.stderr.strip().splitlines()[-1]
   assert last.startswith("error: the training loss or gradient became nan at step 6;"), last
@@ -98,14 +105,14 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_good_checkpoints
   assert inference.load_trained(str(workdir)).step == 4
 
 
-def test_skipping_nonfinite_steps_stops_after_too_many_in_a_row(data_dir, tmp_path):
+def test_skipping_nonfinite_steps_stops_after_too_many_in_a_row(data_dir, tmp_path, cached):
   workdir = tmp_path / "w"
   run_cli(workdir, data_dir, tmp_path, "--config.train.num_steps=4",
-          "--config.train.checkpoint_every=2", "--config.train.on_nonfinite=skip")
+          "--config.train.checkpoint_every=2", "--config.train.on_nonfinite=skip", env_update=cached)
   failed = run_cli(workdir, data_dir, tmp_path, "--config.train.num_steps=20",
                    "--config.train.checkpoint_every=2", "--config.train.learning_rate=1e30",
                    "--config.train.on_nonfinite=skip", "--config.train.max_nonfinite_skips=3",
-                   check=False)
+                   check=False, env_update=cached)
   assert failed.returncode == 1, failed.stderr[-3000:]
   last = failed.stderr.strip().splitlines()[-1]
   assert "more than train.max_nonfinite_skips=3 steps in a row had non-finite" in last, last
@@ -149,14 +156,14 @@ def small_disk(tmp_path):
 
 
 def test_a_disk_that_fills_during_a_save_is_a_clear_error_and_keeps_the_last_checkpoint(
-    data_dir, tmp_path, small_disk):
+    data_dir, tmp_path, small_disk, cached):
   # The recipe's own model (0.8M parameters): each checkpoint of the state takes ~10 MB.
   workdir = small_disk / "w"
   recipe_model = ["--config.model.num_layers=4", "--config.model.num_heads=4",
                   "--config.model.width=128", "--config.model.max_length=64"]
   failed = run_cli(workdir, data_dir, tmp_path, "--config.train.num_steps=100000",
                    FIXED_SCHEDULE, "--config.train.checkpoint_every=2",
-                   "--config.train.keep_checkpoints=10", *recipe_model, check=False)
+                   "--config.train.keep_checkpoints=10", *recipe_model, check=False, env_update=cached)
   assert failed.returncode == 1, failed.stderr[-3000:]
   last = failed.stderr.strip().splitlines()[-1]
   assert last.startswith("error: writing into") and "no space left on the device" in last, last
@@ -166,5 +173,5 @@ def test_a_disk_that_fills_during_a_save_is_a_clear_error_and_keeps_the_last_che
   # Given room again, the same command resumes from that checkpoint.
   shutil.copytree(workdir, tmp_path / "moved")
   resumed = run_cli(tmp_path / "moved", data_dir, tmp_path,
-                    f"--config.train.num_steps={kept[-1] + 2}", FIXED_SCHEDULE, *recipe_model)
+                    f"--config.train.num_steps={kept[-1] + 2}", FIXED_SCHEDULE, *recipe_model, env_update=cached)
   assert f"at step {kept[-1]}" in resumed.stderr

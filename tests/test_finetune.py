@@ -25,6 +25,12 @@ from decoder_jax.train import checkpoint, loop, sharding, state as state_lib, st
 from conftest import TINY_SMOL as TINY
 
 
+# The runs below test checkpoints and restores, not sharding: one device compiles and runs
+# several times faster than the 8 forced ones (tests/test_train.py covers the meshes).
+def one_device():
+  return jax.devices()[:1]
+
+
 def sst2_config(task_data_dir, tmp_path, source, method, **train):
   sys.path.insert(0, str(REPO))
   os.environ["DECODER_JAX_DATA"] = str(task_data_dir)
@@ -48,8 +54,8 @@ def dir_bytes(path) -> int:
 def test_lora_run_checkpoints_only_adapters_and_restores(task_data_dir, tmp_path, tiny_pretrained):
   full = sst2_config(task_data_dir, tmp_path, tiny_pretrained, "full")
   lora = sst2_config(task_data_dir, tmp_path, tiny_pretrained, "lora", learning_rate=1e-2)
-  loop.train_and_evaluate(full, str(tmp_path / "full"))
-  result = loop.train_and_evaluate(lora, str(tmp_path / "lora"))
+  loop.train_and_evaluate(full, str(tmp_path / "full"), devices=one_device())
+  result = loop.train_and_evaluate(lora, str(tmp_path / "lora"), devices=one_device())
   assert 0.0 <= result["eval/accuracy"] <= 1.0
 
   # The LoRA checkpoint: adapters and their optimizer moments only.
@@ -266,7 +272,7 @@ def test_peft_run_checkpoints_only_its_parameters_and_restores(method, task_data
   if method == "adalora":
     config.model.adalora.update(init_rank=6, target_rank=4, t_init=1, t_final=1, delta_t=1)
   workdir = str(tmp_path / method)
-  loop.train_and_evaluate(config, workdir)
+  loop.train_and_evaluate(config, workdir, devices=one_device())
   manager = checkpoint.make_manager(workdir, 1, 1, async_writes=False)
   saved = manager.item_metadata(4)["state"]
   saved = getattr(saved, "tree", saved)

@@ -26,12 +26,20 @@ def trained():
 
 
 def full_forward_logprobs(trained, prompt_ids, generated_ids):
-  """log p of each generated token from one cache-free forward pass."""
-  tokens = jnp.asarray([prompt_ids + generated_ids])
-  logits, _ = Decoder(CONFIG).apply({"params": trained.params}, tokens)
-  logprobs = jax.nn.log_softmax(logits[0].astype(jnp.float32))
+  """log p of each generated token from one cache-free forward pass (right-padded to the
+  context, one compilation for every row: causality keeps the padding out of it)."""
+  sequence = prompt_ids + generated_ids
+  tokens = np.zeros((1, CONFIG.max_length), np.int32)  # [1, context]
+  tokens[0, :len(sequence)] = sequence
+  logprobs = np.asarray(_full_logprobs(trained.params, tokens))[0]  # [context, vocab]
   start = len(prompt_ids) - 1
   return np.asarray([logprobs[start + i, t] for i, t in enumerate(generated_ids)])
+
+
+@jax.jit
+def _full_logprobs(params, tokens):
+  logits, _ = Decoder(CONFIG).apply({"params": params}, tokens)
+  return jax.nn.log_softmax(logits.astype(jnp.float32))
 
 
 def test_step_logprobs_match_full_forward_on_a_ragged_batch(trained):

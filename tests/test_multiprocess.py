@@ -27,25 +27,28 @@ ENDLESS = "--config.train.num_steps=100000"
 TO_THE_END = f"--config.train.num_steps={STEPS}"
 
 
-def environment():
+def environment(cache):
   # The test process forces 8 CPU devices through XLA_FLAGS (conftest); each child sets its
-  # own count through mesh.num_cpu_devices.
-  return {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": str(REPO), "PYTHON": sys.executable}
+  # own count through mesh.num_cpu_devices. The launches after the first read their
+  # programs from one persistent compilation cache.
+  return {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": str(REPO), "PYTHON": sys.executable,
+          "JAX_COMPILATION_CACHE_DIR": str(cache)}
 
 
-def one_process(workdir):
+def one_process(workdir, cache):
   done = subprocess.run([sys.executable, "-m", "decoder_jax.train", *RECIPE, TO_THE_END,
                          f"--workdir={workdir}", "--config.mesh.num_cpu_devices=2",
                          "--config.mesh.data=2"],
-                        cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300)
+                        cwd=REPO, env=environment(cache), capture_output=True, text=True,
+                        timeout=300)
   assert done.returncode == 0, done.stderr[-3000:]
 
 
-def two_processes(workdir, logs, *flags):
+def two_processes(workdir, logs, cache, *flags):
   """launch/local.sh 2 (one CPU device each), started: (Popen, [pid of each process])."""
   proc = subprocess.Popen([str(REPO / "launch" / "local.sh"), f"--log_dir={logs}", "2", "--",
                            *RECIPE, *flags, f"--workdir={workdir}"],
-                          cwd=REPO, env=environment(), stdout=subprocess.PIPE,
+                          cwd=REPO, env=environment(cache), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True, start_new_session=True)
   pids = []
   while len(pids) < 2:  # local.sh names each process's pid first
@@ -96,10 +99,11 @@ def stopped_at(text):
 
 def test_two_processes_stop_together_resume_after_a_kill_and_match_one_process(tmp_path):
   reference, workdir, logs = tmp_path / "one", tmp_path / "two", tmp_path / "logs"
-  one_process(reference)
+  cache = tmp_path / "compile_cache"
+  one_process(reference, cache)
 
   # SIGTERM to process 1 alone: both processes save the same step and exit cleanly.
-  proc, pids = two_processes(workdir, logs, ENDLESS)
+  proc, pids = two_processes(workdir, logs, cache, ENDLESS)
   first = wait_for_checkpoint(workdir, 0, proc)
   os.kill(pids[1], signal.SIGTERM)
   code, _, stderr0 = finish(proc)
@@ -111,14 +115,14 @@ def test_two_processes_stop_together_resume_after_a_kill_and_match_one_process(t
   assert saved_steps(workdir)[-1] == stop
 
   # Resumed, then killed (SIGKILL to both, no chance to save) after its next checkpoint.
-  proc, _ = two_processes(workdir, logs, ENDLESS)
+  proc, _ = two_processes(workdir, logs, cache, ENDLESS)
   killed_after = wait_for_checkpoint(workdir, stop, proc)
   os.killpg(proc.pid, signal.SIGKILL)
   proc.wait()
   assert killed_after < STEPS
 
   # Resumed again to the end: every logged loss and the evaluations as one process had them.
-  proc, _ = two_processes(workdir, logs, TO_THE_END)
+  proc, _ = two_processes(workdir, logs, cache, TO_THE_END)
   code, stdout, stderr0 = finish(proc)
   assert code == 0, stderr0[-3000:]
   assert re.search(rf"resumed from .* at step {killed_after}\b", stderr0)

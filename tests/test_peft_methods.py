@@ -191,10 +191,16 @@ def test_cached_decoding_matches_full_forward_on_a_ragged_batch(method, arch):
   trained_model = inference.TrainedModel(config, params, None)
   out = inference.generate_ids(trained_model, prompts, max_new_tokens=6,
                                sampler=decoding.Greedy())
+  # The reference: one compiled full forward over a fixed width, the sequence so far
+  # right-padded (causal: the padding does not reach the positions read).
+  width = max(map(len, prompts)) + 6
+  forward = jax.jit(lambda tokens: Decoder(config).apply({"params": params}, tokens)[0])
   for prompt, [(tokens, length, *_)] in zip(prompts, out):
     seq = list(prompt)
     for _ in range(6):
-      seq.append(int(np.argmax(logits(config, params, jnp.asarray([seq]))[0, -1])))
+      padded = np.zeros((1, width), np.int32)  # [1, width]
+      padded[0, :len(seq)] = seq
+      seq.append(int(np.argmax(np.asarray(forward(padded))[0, len(seq) - 1])))
     assert tokens[:length].tolist() == seq[len(prompt):]
 
 

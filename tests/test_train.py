@@ -199,7 +199,7 @@ def test_llama_family_trains(data_dir, tmp_path):
                            warmup_steps=5, learning_rate=3e-3))
   config.data.update(dict(local_dir=str(data_dir), num_eval_windows=64, eval_batch_size=32,
                           tfds_data_dir=str(tmp_path / "tfds")))
-  result = loop.train_and_evaluate(config, str(tmp_path / "w"))
+  result = loop.train_and_evaluate(config, str(tmp_path / "w"), devices=jax.devices()[:1])
   losses = read_metrics(tmp_path / "w", "train/loss")
   assert losses[40] < losses[10] - 0.3
   assert result["eval/loss"] < 3.5  # ln 65 = 4.17 is the uniform guess
@@ -207,7 +207,7 @@ def test_llama_family_trains(data_dir, tmp_path):
 
 def test_trained_model_samples_text_in_the_corpus_alphabet(data_dir, tmp_path):
   config = tiny_config(data_dir, tmp_path, num_steps=30, checkpoint_every=30)
-  result = loop.train_and_evaluate(config, str(tmp_path / "w"))
+  result = loop.train_and_evaluate(config, str(tmp_path / "w"), devices=jax.devices()[:1])
   assert result["eval/loss"] < 4.17  # below uniform over 65 characters (ln 65)
   trained = inference.load_trained(str(tmp_path / "w"))
   text = inference.complete(trained, "ROMEO:", max_new_tokens=80,
@@ -353,7 +353,7 @@ def test_init_from_a_missing_source_is_a_clear_error(data_dir, tmp_path):
 
 def test_profile_steps_writes_a_trace(data_dir, tmp_path):
   config = tiny_config(data_dir, tmp_path, num_steps=6, profile_steps=2)
-  loop.train_and_evaluate(config, str(tmp_path / "w"))
+  loop.train_and_evaluate(config, str(tmp_path / "w"), devices=jax.devices()[:1])
   traces = [os.path.join(root, f) for root, _, files in os.walk(tmp_path / "w" / "profile")
             for f in files if f.endswith((".xplane.pb", ".trace.json.gz"))]
   assert traces, os.listdir(tmp_path / "w")
@@ -480,7 +480,7 @@ def test_steps_per_call_trains_exactly_like_single_steps(data_dir, tmp_path):
     config = tiny_config(data_dir, tmp_path, num_steps=8, log_every=3, eval_every=6,
                          checkpoint_every=3, steps_per_call=per_call)
     workdir = tmp_path / f"per_call_{per_call}"
-    final = loop.train_and_evaluate(config, str(workdir))
+    final = loop.train_and_evaluate(config, str(workdir), devices=jax.devices()[:1])
     saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     results[per_call] = (read_metrics(workdir, "train/loss"), read_metrics(workdir, "eval/loss"),
                          saved, final["eval/loss"],
