@@ -109,6 +109,8 @@ class _DropLibraryInfo(logging_std.Filter):
   def filter(self, record):
     if record.getMessage().startswith("Using custom data configuration"):
       return False  # tfds, for every local corpus: our builders always have one
+    if "/asyncio/" in record.pathname and "exception was never retrieved" in str(record.msg):
+      return False  # at exit, for orbax's writes that failed (a full disk) and were reported
     if "/orbax/" in record.pathname and record.exc_info:
       # orbax's writer threads log a failed write (a full disk) with its traceback, then
       # the loop re-raises it as one `error:` line: their message line is enough.
