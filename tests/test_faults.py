@@ -16,6 +16,7 @@ import pytest
 from decoder_jax import inference
 from decoder_jax.model import Decoder, ModelConfig
 from decoder_jax.train import checkpoint, config_sections, loop, setup, state as state_lib, steps
+from test_multiprocess import saved_steps
 from test_train import read_metrics, run_cli, tiny_config
 
 # A fixed schedule, so runs started for different numbers of steps take the same steps.
@@ -27,11 +28,6 @@ def cached(tmp_path_factory):
   """run_cli's env_update for one persistent compilation cache: the reruns of a test (the
   resume, the run to compare with) read their programs from it."""
   return {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("compile_cache"))}
-
-
-def saved_steps(workdir):
-  return checkpoint.latest_step(str(workdir)) and sorted(
-      int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
 
 
 def test_kill_during_an_asynchronous_checkpoint_write_resumes_from_the_last_complete_one(

@@ -2,7 +2,6 @@
 recipe like one process with two devices: the same losses, a stop signal to either process
 agreed by both, kill and resume."""
 
-import json
 import os
 import re
 import signal
@@ -13,6 +12,7 @@ import time
 import pytest
 
 from conftest import REPO
+from test_train import read_metrics
 
 CONFIG = str(REPO / "configs" / "shakespeare_char.py")
 STEPS = 80
@@ -83,14 +83,6 @@ def wait_for_checkpoint(workdir, after: int, proc, timeout=240):
   pytest.fail(f"no checkpoint after step {after} in {timeout} s")
 
 
-def metrics(workdir, key):
-  with open(workdir / "metrics.jsonl") as f:
-    rows = [json.loads(line) for line in f]
-  steps = [r["step"] for r in rows if key in r]
-  assert len(steps) == len(set(steps)), f"duplicate steps for {key}: {steps}"
-  return {r["step"]: r[key] for r in rows if key in r}
-
-
 def stopped_at(text):
   found = re.findall(r"stopped by .* at step (\d+)", text)
   assert len(found) == 1, text[-3000:]
@@ -128,7 +120,7 @@ def test_two_processes_stop_together_resume_after_a_kill_and_match_one_process(t
   assert re.search(rf"resumed from .* at step {killed_after}\b", stderr0)
   assert "final eval/loss" in stdout
   for key in ("train/loss", "eval/loss"):
-    ours, theirs = metrics(workdir, key), metrics(reference, key)
+    ours, theirs = read_metrics(workdir, key), read_metrics(reference, key)
     assert sorted(ours) == sorted(theirs) == (
         list(range(10, STEPS + 1, 10)) if key == "train/loss" else [40, 80])
     for step in theirs:

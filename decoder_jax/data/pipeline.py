@@ -126,6 +126,9 @@ def make_datasets(
 
   logging.info("Data: %s, %s layout, %d train / %d validation tokens, vocabulary %d.",
                corpus.source, layout, len(train_tokens), len(val_tokens), tokenizer.vocab_size)
+  if process_count > 1:
+    logging.info("Process %d of %d reads rows %d-%d of each training batch.", process_index,
+                 process_count, train_rows.start, train_rows.stop - 1)
   if layout == "windows":
     train = _random_windows(train_tokens, seq_len, global_batch_size, seed, train_rows)
     eval_windows = _sample_windows(val_tokens, seq_len, config.num_eval_windows, EVAL_SEED)

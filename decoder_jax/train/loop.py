@@ -356,13 +356,17 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
   try:
     step_programs = {}
     one_batch = _peek_abstract_batch(datasets.train_iter, batch_sharding)
-    if call_list:
-      for size in sorted(set(call_list)):
+
+    def compile_calls(sizes, first_size):  # the programs of calls of `sizes` steps
+      for size in sorted(set(sizes) - set(step_programs)):
         step_programs[size] = ahead.program(
             train_step if size == 1 else multi_step, abstract, abstract_frozen,
             _stacked_abstract(one_batch, size, stacked_sharding), dropout_rng,
             varying_argnums=(2,),  # the batch
-            background=size != call_list[0])  # e.g. single steps for a tail
+            background=size != first_size)  # e.g. single steps for a tail
+
+    if call_list:
+      compile_calls(call_list, call_list[0])
     first_eval = next(iter(datasets.eval_batches()), None)
     if first_eval is not None:
       eval_step = ahead.program(eval_step, abstract.params, abstract_frozen,
@@ -376,11 +380,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
       if int(state.step) != first_step:
         first_step = int(state.step)
         call_list = list(call_sizes(first_step, end_step, per_call))
-        for size in set(call_list) - set(step_programs):
-          step_programs[size] = ahead.program(
-              train_step if size == 1 else multi_step, abstract, abstract_frozen,
-              _stacked_abstract(one_batch, size, stacked_sharding), dropout_rng,
-              varying_argnums=(2,))
+        compile_calls(call_list, None)
     if not resuming or peft_run:  # their checkpoints hold the trainable half only
       trainable, frozen = setup.split_params(run, setup.initial_params(run, mesh, init_rng),
                                              frozen_shardings, config)
@@ -405,12 +405,9 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
   logging.info("model: %s, %.3fM parameters, %.3fM trainable (%.2f%%); mesh %s",
                model_config.family, num_total / 1e6, num_trainable / 1e6,
                100 * num_trainable / num_total, dict(mesh.shape))
-  if jax.process_count() > 1:
-    logging.info("process %d of %d: %d of the mesh's %d devices, batch rows %d-%d",
-                 jax.process_index(), jax.process_count(), jax.local_device_count(),
-                 jax.device_count(), jax.process_index() * train_cfg.batch_size //
-                 jax.process_count(), (jax.process_index() + 1) * train_cfg.batch_size //
-                 jax.process_count() - 1)
+  if jax.process_count() > 1:  # the data pipeline logs which rows of a batch it reads
+    logging.info("process %d of %d: %d of the mesh's %d devices", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())
 
   step = int(state.step)
   writer = MetricWriter(workdir, enabled=is_writer, resume_step=step)
@@ -436,6 +433,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
   summarize_metrics = jax.jit(summarize)
 
   def write_train_metrics(logged_step, device_metrics):
+    guard.check(state.opt_state, last_saved)  # the host reads the device here anyway
     # One device op and one transfer for the whole log interval: fetching each step's
     # scalars separately cost about 1 ms apiece on a 2-core CPU (2 ms per step).
     mean_loss, grad_norm = jax.device_get(
@@ -474,7 +472,6 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
         profiler.after_step(step, metrics)
         stopping_now = stop.after_call()  # the same on every process
         if unlogged is not None:
-          guard.check(state.opt_state, last_saved)
           write_train_metrics(*unlogged)
           unlogged = None
         pending.append(metrics)
@@ -484,7 +481,6 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
         is_eval = step % train_cfg.eval_every == 0 or is_last
         force = is_last or step == stop_at or stopping_now
         if unlogged is not None and (is_eval or force or manager.should_save(step)):
-          guard.check(state.opt_state, last_saved)
           write_train_metrics(*unlogged)  # the host waits here anyway
           unlogged = None
         if is_eval:

@@ -101,16 +101,18 @@ class NonFiniteGuard:
   def __init__(self, choice: str, max_skips: int, checkpoint_directory: str):
     self.choice, self.max_skips = choice, max_skips
     self.directory = checkpoint_directory
-    self._unchecked = []  # (first step, device loss: [] or [steps]) since the last check
-    self._all_finite = jax.jit(lambda losses: jnp.all(jnp.stack(
-        [jnp.all(jnp.isfinite(x)) for x in losses])))
+    # (first step, device loss + gradient norm: [] or [steps]) of each call since the last
+    # check; summed in the compiled check, not by a device op per step.
+    self._unchecked = []
+    self._all_finite = jax.jit(lambda values: jnp.all(jnp.stack(
+        [jnp.all(jnp.isfinite(loss + norm)) for loss, norm in values])))
 
   def add(self, first_step: int, metrics) -> None:
     """Registers a dispatched call's metrics, its steps following `first_step`. A finite
     loss can still come with nan gradients (an overflow in the backward pass), whose
     update would ruin the parameters: the gradient norm is checked too."""
     if self.choice == "stop":
-      self._unchecked.append((first_step, metrics["loss"] + metrics["grad_norm"]))
+      self._unchecked.append((first_step, (metrics["loss"], metrics["grad_norm"])))
 
   def check(self, opt_state, last_saved: int | None) -> None:
     """Raises RunFailed when the run must stop for a non-finite loss."""
@@ -125,8 +127,8 @@ class NonFiniteGuard:
     unchecked, self._unchecked = self._unchecked, []
     if not unchecked or bool(self._all_finite([loss for _, loss in unchecked])):
       return
-    for first, loss in unchecked:  # only now fetch them one by one, to name the step
-      values = np.ravel(np.asarray(jax.device_get(loss)))
+    for first, (loss, norm) in unchecked:  # only now fetch them one by one, to name the step
+      values = np.ravel(np.add(*jax.device_get((loss, norm))))
       bad = np.flatnonzero(~np.isfinite(values))
       if bad.size:
         step = first + int(bad[0]) + 1
