@@ -39,7 +39,8 @@ from jax.sharding import PartitionSpec as P
 import machine  # benchmarks/machine.py
 from decoder_jax import peft
 from decoder_jax.model import Decoder, ModelConfig, preset
-from decoder_jax.train import config_sections, loop, setup, sharding, steps
+from decoder_jax import sharding
+from decoder_jax.train import config_sections, loop, setup, steps
 
 NUM_DEVICES = 8
 MIB = 2**20

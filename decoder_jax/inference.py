@@ -29,7 +29,8 @@ from decoder_jax.decoding import speculative
 from decoder_jax.data import tokenizers
 from decoder_jax.errors import ConfigError, NotFound
 from decoder_jax.model import Decoder, ModelConfig, init_cache, layers, resize_cache
-from decoder_jax.train import checkpoint, optimizer, sharding, state as state_lib
+from decoder_jax import sharding
+from decoder_jax.train import checkpoint, optimizer, state as state_lib
 from decoder_jax.train.loop import MODEL_CONFIG_FILE
 
 

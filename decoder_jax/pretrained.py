@@ -22,7 +22,7 @@ from decoder_jax import inference, progress
 from decoder_jax.data import tokenizers
 from decoder_jax.errors import ConfigError, NotFound
 from decoder_jax.model.config import ModelConfig
-from decoder_jax.train import sharding as sharding_lib
+from decoder_jax import sharding as sharding_lib
 from decoder_jax.train.loop import MODEL_CONFIG_FILE
 
 PARAMS_DIR = "params"  # a converted directory's orbax checkpoint of the params

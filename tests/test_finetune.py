@@ -20,7 +20,8 @@ from decoder_jax import decoding, inference, peft
 from decoder_jax.errors import ConfigError
 from decoder_jax.evaluation import generation, metrics
 from decoder_jax.model import Decoder, ModelConfig
-from decoder_jax.train import checkpoint, loop, sharding, state as state_lib, steps
+from decoder_jax import sharding
+from decoder_jax.train import checkpoint, loop, state as state_lib, steps
 
 from conftest import TINY_SMOL as TINY
 

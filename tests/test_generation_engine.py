@@ -12,7 +12,7 @@ from scipy import stats
 from decoder_jax import decoding, inference
 from decoder_jax.data.tokenizers import CharTokenizer
 from decoder_jax.model import Decoder, ModelConfig
-from decoder_jax.train import sharding
+from decoder_jax import sharding
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz .\n"
 CONFIG = ModelConfig(family="llama", vocab_size=len(ALPHABET), num_layers=2, num_heads=4,

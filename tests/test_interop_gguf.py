@@ -29,7 +29,7 @@ from decoder_jax.data import tokenizers
 from decoder_jax.interop import fetch
 from decoder_jax.interop import gguf as gguf_interop
 from decoder_jax.model import Decoder
-from decoder_jax.train import sharding
+from decoder_jax import sharding
 
 from conftest import smollm2_gguf
 

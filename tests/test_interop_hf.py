@@ -22,7 +22,7 @@ from decoder_jax.data import tokenizers as our_tokenizers  # noqa: E402
 from decoder_jax.interop import hf  # noqa: E402
 from decoder_jax.interop.hf_tokenizer import HFTokenizer  # noqa: E402
 from decoder_jax.model import Decoder  # noqa: E402
-from decoder_jax.train import sharding  # noqa: E402
+from decoder_jax import sharding  # noqa: E402
 
 VOCAB = 96
 SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,

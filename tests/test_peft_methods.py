@@ -15,7 +15,8 @@ from flax import traverse_util
 from decoder_jax import decoding, inference, peft
 from decoder_jax.errors import ConfigError
 from decoder_jax.model import Decoder, ModelConfig
-from decoder_jax.train import checkpoint, sharding, state as state_lib, steps
+from decoder_jax import sharding
+from decoder_jax.train import checkpoint, state as state_lib, steps
 from test_peft import random_params
 
 ARCH = {

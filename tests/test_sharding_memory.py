@@ -21,7 +21,7 @@ print(json.dumps({k: r[k] for k in ("whole", "state_global", "state", "xla_state
 DROPPED = """
 import json, jax, jax.numpy as jnp, sharding_memory
 from decoder_jax.model import Decoder, ModelConfig
-from decoder_jax.train import sharding
+from decoder_jax import sharding
 config = ModelConfig.from_dict(sharding_memory.MODELS["tiny"])  # 3 heads, vocab 100
 boxed = jax.eval_shape(lambda: Decoder(config).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
 mesh = sharding.make_mesh(sharding_memory.parse_mesh("tensor=8"))

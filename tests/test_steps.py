@@ -13,7 +13,8 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from decoder_jax.model import Decoder, ModelConfig
-from decoder_jax.train import sharding, steps
+from decoder_jax import sharding
+from decoder_jax.train import steps
 from decoder_jax.train import state as state_lib
 
 CONFIGS = {

@@ -16,7 +16,8 @@ from jax.sharding import PartitionSpec as P
 from conftest import REPO
 from decoder_jax import decoding, inference, trace_account
 from decoder_jax.model import Decoder, ModelConfig
-from decoder_jax.train import loop, optimizer, sharding, state as state_lib
+from decoder_jax import sharding
+from decoder_jax.train import loop, optimizer, state as state_lib
 
 CONFIG = str(REPO / "configs" / "shakespeare_char.py")
 # A tiny GPT on characters: a few seconds per run on 2 cores.

@@ -57,7 +57,8 @@ def load_finetuned(config, workdir: str | None, *, zero_shot: bool = False,
   import jax
 
   from decoder_jax import peft
-  from decoder_jax.train import checkpoint, loop, setup, sharding
+  from decoder_jax import sharding
+  from decoder_jax.train import checkpoint, loop, setup
 
   if config.get("task") is None:
     raise ConfigError("--config must be a task config (with a task section), e.g. "
@@ -198,7 +199,8 @@ def _mean_loss(model, params, batches) -> float:
 
 
 def _restore_trainable(workdir, weights, run, tx, mesh, config, like):
-  from decoder_jax.train import checkpoint, setup, sharding
+  from decoder_jax import sharding
+  from decoder_jax.train import checkpoint, setup
 
   best_json = os.path.join(workdir, "best.json")
   if weights == "best" and os.path.exists(best_json):

@@ -29,7 +29,7 @@ from decoder_jax import progress
 from decoder_jax.errors import ConfigError, NotFound
 from decoder_jax.interop import hf
 from decoder_jax.model.config import ModelConfig
-from decoder_jax.train import sharding as sharding_lib
+from decoder_jax import sharding as sharding_lib
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 

@@ -33,7 +33,7 @@ from decoder_jax import progress
 from decoder_jax.errors import ConfigError, NotFound
 from decoder_jax.model.config import ModelConfig
 from decoder_jax.model.transformer import Decoder
-from decoder_jax.train import sharding as sharding_lib
+from decoder_jax import sharding as sharding_lib
 
 SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2")
 CONFIG_FILE = "config.json"

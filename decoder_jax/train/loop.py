@@ -21,7 +21,8 @@ from decoder_jax.errors import ConfigError, RunFailed
 from decoder_jax import peft
 from decoder_jax.peft import combine
 from decoder_jax.train import state as state_lib
-from decoder_jax.train import checkpoint, compile_ahead, optimizer, setup, sharding, steps, stopping
+from decoder_jax import sharding
+from decoder_jax.train import checkpoint, compile_ahead, optimizer, setup, steps, stopping
 from decoder_jax.train.metrics import MetricWriter, Progress
 # Re-exported: inference, pretrained and convert name a workdir's model config file by it.
 from decoder_jax.train.setup import MODEL_CONFIG_FILE

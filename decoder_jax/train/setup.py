@@ -30,7 +30,8 @@ from decoder_jax import peft
 from decoder_jax.data import pipeline, tasks, tokenizers
 from decoder_jax.errors import ConfigError
 from decoder_jax.model import Decoder, ModelConfig
-from decoder_jax.train import init_from, optimizer, sharding, state as state_lib
+from decoder_jax import sharding
+from decoder_jax.train import init_from, optimizer, state as state_lib
 
 MODEL_CONFIG_FILE = "model_config.json"
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from decoder_jax.train import sharding
+from decoder_jax import sharding
 
 
 @struct.dataclass

@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 from decoder_jax.errors import ConfigError
 from decoder_jax.peft import combine
-from decoder_jax.train.sharding import BATCH_AXES
+from decoder_jax.sharding import BATCH_AXES
 
 
 def token_losses(model, params, batch, rng=None, deterministic=True, chunk_size=None):
