@@ -110,7 +110,8 @@ def measure(model_name: str, mesh_sizes: dict[str, int], batch: int, seq_len: in
   run = setup.Run(model_config, model, None, None, seq_len,
                   peft.trainable_predicate(model_config), boxed["params"])
   tx = setup.make_optimizer(train_cfg, model_config)
-  abstract, state_sh, abstract_frozen, frozen_sh = setup.abstract_state(run, tx, mesh, config)
+  abstract, state_sh, abstract_frozen, frozen_sh = setup.abstract_state(
+      run, tx, mesh, train_cfg.get("frozen_dtype"))
   batch_sh = sharding.batch_sharding(mesh)
   tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32, sharding=batch_sh)
   abstract_batch = {"inputs": tokens, "targets": tokens}  # int32 [batch, seq_len] each
@@ -157,7 +158,7 @@ def main(argv=None) -> None:
   parser.add_argument("--batch", type=int, default=8, help="global batch (rows)")
   parser.add_argument("--seq_len", type=int, default=256)
   args = parser.parse_args(argv)
-  loop.split_host_cpu(NUM_DEVICES)  # before any use of the backend
+  sharding.split_host_cpu(NUM_DEVICES)  # before any use of the backend
   print(f"command: python {shlex.join(['benchmarks/sharding_memory.py', *sys.argv[1:]])}")
   print(f"machine: {machine.cores()} cores ({machine.cpu_name()}); jax {jax.__version__}, "
         f"backend {jax.default_backend()}, {jax.device_count()} devices; "

@@ -33,7 +33,7 @@ def convert(source: str, output: str, dtype: str | None = None):
 
   from decoder_jax import pretrained
   from decoder_jax.data import tokenizers
-  from decoder_jax.train.loop import MODEL_CONFIG_FILE
+  from decoder_jax.workdir import MODEL_CONFIG_FILE
 
   output = os.path.abspath(os.path.expanduser(output))
   params_dir = os.path.join(output, pretrained.PARAMS_DIR)

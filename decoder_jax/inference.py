@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import functools
 import itertools
-import json
 import os
 import threading
 from typing import Callable, NamedTuple
@@ -21,109 +20,105 @@ from typing import Callable, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
+from absl import logging
+from flax import traverse_util
 
-from decoder_jax import decoding, progress
-from decoder_jax.decoding import speculative
-from decoder_jax.data import tokenizers
+from decoder_jax import decoding, peft, pretrained as pretrained_lib, progress, sharding
+from decoder_jax import workdir as workdir_lib
+from decoder_jax.data import tasks
+from decoder_jax.decoding import speculative, stop_strings
 from decoder_jax.errors import ConfigError, NotFound
-from decoder_jax.model import Decoder, ModelConfig, init_cache, layers, resize_cache
-from decoder_jax import sharding
-from decoder_jax.train import checkpoint, optimizer, state as state_lib
-from decoder_jax.train.loop import MODEL_CONFIG_FILE
-
-
-@dataclasses.dataclass
-class TrainedModel:
-  config: ModelConfig
-  params: dict
-  tokenizer: object
-  step: int = 0  # the training step of the checkpoint (0 for imported weights)
+from decoder_jax.model import (Decoder, ModelConfig, init_cache, layers, relayout_layers,
+                               resize_cache)
+from decoder_jax.model.config import PEFT_METHODS
+# Re-exported: what inference's callers load and cast.
+from decoder_jax.workdir import TrainedModel, with_dtype
 
 
 def load_trained(workdir: str) -> TrainedModel:
   """The latest checkpoint of a training workdir, with its model config and tokenizer.
 
-  A run started from pretrained weights (config.init_from, e.g. a LoRA fine-tuning) comes
-  back ready to decode: its base re-read from the source where the checkpoint holds only
-  the trainable half, the method merged where it can be (peft.for_inference).
+  Only the params are read back (no optimizer is built). A run started from pretrained
+  weights (config.init_from, e.g. a LoRA fine-tuning) comes back ready to decode: its
+  base re-read from the source where the checkpoint holds only the trainable half, the
+  method merged where it can be (peft.for_inference).
   """
   if not os.path.isdir(workdir):
     raise NotFound(f"workdir {workdir} does not exist or is not a directory")
-  model_config = ModelConfig.from_dict(_read_workdir_json(workdir, MODEL_CONFIG_FILE))
-  run_config = ml_collections.ConfigDict(_read_workdir_json(workdir, "config.json"))
-  if checkpoint.latest_step(workdir) is None:  # checked read-only: the workdir stays as it is
-    raise NotFound(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}: the run has "
+  model_config = workdir_lib.read_model_config(workdir)
+  run_config = workdir_lib.read_run_config(workdir)
+  if workdir_lib.latest_step(workdir) is None:  # checked read-only: the workdir stays as it is
+    raise NotFound(f"no checkpoint in {workdir_lib.checkpoints_dir(workdir)}: the run has "
                    "not saved one yet")
-  if run_config.get("init_from"):
-    return _load_from_pretrained_run(workdir, run_config)
-  train_config = run_config.train
-  manager = checkpoint.make_manager(workdir, 1, 1, async_writes=False)
-  mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-  abstract, _ = state_lib.abstract_state(Decoder(model_config),
-                                         optimizer.make_optimizer(train_config),
-                                         model_config.max_length, mesh)
-  state, _ = _restore_shown(manager, abstract, workdir)
-  return TrainedModel(model_config, state.params, tokenizers.load_tokenizer(workdir),
-                      int(state.step))
-
-
-def _restore_shown(manager, abstract, workdir: str):
-  """checkpoint.restore of the latest step, with progress shown."""
-  with progress.all_at_once(f"restoring {workdir}", len(jax.tree.leaves(abstract)), "arrays"):
-    restored = checkpoint.restore(manager, abstract)
-  manager.close()
-  return restored
-
-
-def _read_workdir_json(workdir: str, name: str) -> dict:
-  path = os.path.join(workdir, name)
-  if not os.path.isfile(path):
-    raise NotFound(f"{path} not found: is {workdir} a decoder_jax training workdir? "
-                   "(python -m decoder_jax.train writes it)")
-  try:
-    with open(path, encoding="utf-8") as f:
-      values = json.load(f)
-  except (UnicodeDecodeError, json.JSONDecodeError):
-    values = None  # not JSON: refused below, like JSON that is not an object
-  if not isinstance(values, dict):
-    raise ConfigError(f"{path} is not the JSON object decoder_jax writes; is {workdir} a "
-                      "decoder_jax training workdir?")
-  return values
-
-
-def _load_from_pretrained_run(workdir: str, config) -> TrainedModel:
-  from decoder_jax import peft
-  from decoder_jax.train import setup
-
+  tokenizer = workdir_lib.read_tokenizer(workdir)
+  source = run_config.get("init_from")
+  if not source:
+    mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+    abstract, _ = workdir_lib.abstract_params(Decoder(model_config), mesh)
+    params, step = workdir_lib.restore_params(workdir, abstract)
+    return TrainedModel(model_config, params, tokenizer, step)
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-  peft_run = setup.uses_peft(config)
-  run = setup.build_run(config, workdir, mesh, need_base=peft_run, resuming=True,
-                        with_data=False)
-  tx = setup.make_optimizer(config.train, run.model_config)
-  abstract, _, _, frozen_shardings = setup.abstract_state(run, tx, mesh, config)
-  manager = checkpoint.make_manager(workdir, 1, 1, async_writes=False)
-  state, _ = _restore_shown(manager, abstract, workdir)
-  frozen = {}
-  if peft_run:
-    _, frozen = setup.split_params(run, setup.initial_params(run, mesh, jax.random.key(0)),
-                                   frozen_shardings, config)
+  model = Decoder(model_config, num_labels=tasks.head_labels(run_config.get("task")))
+  trainable, frozen = split_abstract(model, mesh)
+  params, step = workdir_lib.restore_params(workdir, trainable)
+  if frozen:  # a parameter-efficient run: its checkpoints hold the trainable half only
+    base = laid_out_as(load_source(source, mesh), model_config, mesh)
+    frozen = frozen_from(base.params, frozen, run_config.train.get("frozen_dtype"))
   # LoRA and AdaLoRA folded into the kernels, a prefix's MLP folded away; adapters and a
   # soft prompt stay in the model.
-  params, model_config = peft.for_inference(peft.combine(state.params, frozen),
-                                            run.model_config)
-  return TrainedModel(model_config, params, run.tokenizer, int(state.step))
+  params, model_config = peft.for_inference(peft.combine(params, frozen), model_config)
+  return TrainedModel(model_config, params, tokenizer, step)
+
+
+def split_abstract(model: Decoder, mesh):
+  """(trainable, frozen) halves of `model`'s abstract params on `mesh`, split as training
+  splits them (peft.trainable_predicate: everything is trainable without a method)."""
+  abstract, _ = workdir_lib.abstract_params(model, mesh)
+  return peft.split(abstract, peft.trainable_predicate(model.config))
+
+
+def frozen_from(base_params, frozen_abstract, frozen_dtype: str | None = None):
+  """The frozen half (`frozen_abstract`'s leaves) taken from a base model's params, placed
+  as `frozen_abstract` says and cast to `frozen_dtype` (train.frozen_dtype) if set."""
+  have = traverse_util.flatten_dict(base_params)
+  wanted = traverse_util.flatten_dict(frozen_abstract)
+  missing = [path for path in wanted if path not in have]
+  if missing:
+    raise ConfigError(f"the base model lacks frozen parameters the run expects: "
+                      f"{['/'.join(p) for p in missing[:5]]}")
+  dtype = None if frozen_dtype is None else jnp.dtype(frozen_dtype)
+  shardings = {path: leaf.sharding for path, leaf in wanted.items()}
+  cast = jax.jit(lambda f: {path: x.astype(dtype or wanted[path].dtype) for path, x in f.items()},
+                 out_shardings=shardings)
+  return traverse_util.unflatten_dict(cast({path: have[path] for path in wanted}))
+
+
+def load_source(source: str, mesh) -> TrainedModel:
+  """A run's starting point (config.init_from): another run's training workdir (its latest
+  checkpoint) or anything decoder_jax.load_pretrained reads, placed on `mesh`."""
+  path = os.path.expanduser(source)
+  if workdir_lib.is_training_workdir(path):
+    return load_trained(path)
+  return pretrained_lib.load_pretrained(source, mesh=mesh)
+
+
+def laid_out_as(start: TrainedModel, config: ModelConfig, mesh) -> TrainedModel:
+  """`start` with `config` and its params laid out as `config` wants them: scanned or one
+  subtree per layer, in config.param_dtype, sharded on `mesh` as a model without adapters
+  (the source has none)."""
+  params = relayout_layers(start.params, config.num_layers, config.scan_layers)
+  plain = dataclasses.replace(config, **dict.fromkeys(PEFT_METHODS))
+  cast = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(jnp.dtype(config.param_dtype)), p),
+                 out_shardings=param_shardings(plain, mesh))
+  return TrainedModel(config, cast(params), start.tokenizer)
 
 
 def load_model(*, pretrained: str | None = None, workdir: str | None = None,
                dtype: str | None = None) -> TrainedModel:
   """The model of a command's --pretrained (decoder_jax.load_pretrained's sources) or
   --workdir (its latest checkpoint), run in `dtype`, with a log line saying which."""
-  from absl import logging
-
   if pretrained:
-    from decoder_jax import pretrained as pretrained_lib  # the interop dependencies, when asked
     trained = pretrained_lib.load_pretrained(pretrained, dtype=dtype)
     logging.info("loaded %s", pretrained)
     return trained
@@ -132,21 +127,9 @@ def load_model(*, pretrained: str | None = None, workdir: str | None = None,
   return trained
 
 
-def with_dtype(trained: TrainedModel, dtype: str | None) -> TrainedModel:
-  """The model run in `dtype`: parameters cast to it (keeping their shardings), matmuls
-  and the KV cache in it. None keeps the model as it is."""
-  if dtype is None or (trained.config.dtype == dtype and trained.config.param_dtype == dtype):
-    return trained
-  config = dataclasses.replace(trained.config, dtype=dtype, param_dtype=dtype)
-  cast = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), p))
-  return dataclasses.replace(trained, config=config, params=cast(trained.params))
-
-
 def param_shardings(model_config: ModelConfig, mesh):
   """NamedShardings laying parameters out on `mesh` as training does."""
-  boxed = jax.eval_shape(
-      lambda: Decoder(model_config).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
-  return sharding.shardings_for(boxed["params"], mesh)
+  return workdir_lib.abstract_params(Decoder(model_config), mesh)[1]
 
 
 def decoding_mesh(mesh):
@@ -460,13 +443,11 @@ def build_stop_strings(tokenizer, stop: tuple[str, ...]):
   """The stop-string table for `stop` (None when there are none)."""
   if not stop:
     return None
-  from decoder_jax.decoding import stop_strings
   return stop_strings.build_table(_token_bytes(tokenizer), list(stop))
 
 
 @functools.lru_cache(maxsize=4)
 def _token_bytes_cached(tokenizer):
-  from decoder_jax.decoding import stop_strings
   return tuple(stop_strings.token_bytes(tokenizer))
 
 
@@ -474,7 +455,6 @@ def _token_bytes(tokenizer):
   try:
     return _token_bytes_cached(tokenizer)
   except TypeError:  # an unhashable tokenizer
-    from decoder_jax.decoding import stop_strings
     return stop_strings.token_bytes(tokenizer)
 
 
@@ -530,7 +510,6 @@ def _sample_text(tokenizer, ids: list[int], ends, stop, min_new_tokens: int,
   if stopped and ids and ids[-1] in ends:
     return tokenizer.decode(ids[:-1])
   if stopped and stop:
-    from decoder_jax.decoding import stop_strings
     found = stop_strings.cut(_token_bytes(tokenizer), ids[min_new_tokens:], list(stop))
     if found is not None:
       head = tokenizer.decode(ids[:min_new_tokens]) if min_new_tokens else ""

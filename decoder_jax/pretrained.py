@@ -18,12 +18,11 @@ import os
 import flax.linen as nn
 import jax
 
-from decoder_jax import inference, progress
+from decoder_jax import progress, sharding as sharding_lib
 from decoder_jax.data import tokenizers
 from decoder_jax.errors import ConfigError, NotFound
 from decoder_jax.model.config import ModelConfig
-from decoder_jax import sharding as sharding_lib
-from decoder_jax.train.loop import MODEL_CONFIG_FILE
+from decoder_jax.workdir import CHECKPOINTS_DIR, MODEL_CONFIG_FILE, TrainedModel, with_dtype
 
 PARAMS_DIR = "params"  # a converted directory's orbax checkpoint of the params
 SOURCE_FILE = "converted_from.json"
@@ -65,8 +64,7 @@ def _load_converted(directory: str, mesh, dtype):
   with (progress.all_at_once(f"restoring {directory}", len(jax.tree.leaves(abstract)), "arrays"),
         ocp.StandardCheckpointer() as checkpointer):
     params = checkpointer.restore(os.path.abspath(os.path.join(directory, PARAMS_DIR)), abstract)
-  trained = inference.with_dtype(
-      inference.TrainedModel(config, params, tokenizers.load_tokenizer(directory)), dtype)
+  trained = with_dtype(TrainedModel(config, params, tokenizers.load_tokenizer(directory)), dtype)
   return trained.config, trained.params, trained.tokenizer
 
 
@@ -97,7 +95,7 @@ def _resolve(source: str) -> tuple[str, str]:
   if os.path.isdir(os.path.join(path, PARAMS_DIR)) and os.path.exists(
       os.path.join(path, MODEL_CONFIG_FILE)):
     return "converted", path
-  if os.path.isdir(os.path.join(path, "checkpoints")):  # (its config.json is not HF's)
+  if os.path.isdir(os.path.join(path, CHECKPOINTS_DIR)):  # (its config.json is not HF's)
     raise ConfigError(f"{path} is a training workdir: load it with inference.load_trained "
                       "(python -m decoder_jax.generate --workdir=...)")
   if os.path.exists(os.path.join(path, "config.json")):
@@ -107,7 +105,7 @@ def _resolve(source: str) -> tuple[str, str]:
 
 
 def load_pretrained(source: str, *, mesh=None, dtype: str | None = None
-                    ) -> inference.TrainedModel:
+                    ) -> TrainedModel:
   """Loads a pretrained model: `.config` (ModelConfig), `.params`, `.tokenizer`.
 
   `mesh`: where the params go, sharded by the logical-axis rules (default: one device).
@@ -119,4 +117,4 @@ def load_pretrained(source: str, *, mesh=None, dtype: str | None = None
   loader = {"gguf": _load_gguf, "hf": _load_hf, "converted": _load_converted}[kind]
   config, params, tokenizer = loader(path, mesh, dtype)
   check_vocab(config, tokenizer, source)
-  return inference.TrainedModel(config, params, tokenizer, step=0)
+  return TrainedModel(config, params, tokenizer, step=0)

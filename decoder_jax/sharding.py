@@ -13,6 +13,7 @@ import math
 import flax.linen as nn
 import jax
 import numpy as np
+from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from decoder_jax.errors import ConfigError
@@ -90,3 +91,18 @@ def abstract_like(tree):
   """jax.ShapeDtypeStruct of each array in `tree`: its shape, dtype and sharding."""
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                       tree)
+
+
+def split_host_cpu(num_devices) -> None:
+  """Presents the host CPU as `num_devices` JAX devices (a no-op for None).
+
+  XLA runs one CPU device's program on about one core, so on a CPU-only machine a
+  data-parallel mesh over several CPU devices is what puts every core to work.
+  """
+  if not num_devices:
+    return
+  try:
+    jax.config.update("jax_num_cpu_devices", int(num_devices))
+  except RuntimeError:  # the backend is already up (a notebook, a test): keep its devices
+    logging.warning("mesh.num_cpu_devices=%s ignored: JAX already initialised %d devices",
+                    num_devices, jax.device_count())

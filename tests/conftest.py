@@ -108,14 +108,14 @@ def tiny_pretrained(tmp_path_factory, smol_tokenizer):
   from decoder_jax import pretrained
   from decoder_jax.data import tokenizers
   from decoder_jax.model import Decoder, ModelConfig
-  from decoder_jax.train import loop
+  from decoder_jax import workdir
 
   directory = tmp_path_factory.mktemp("pretrained")
   config = ModelConfig(**TINY_SMOL)
   params = Decoder(config).init(jax.random.key(7), jnp.zeros((1, 8), jnp.int32))["params"]
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(str(directory / pretrained.PARAMS_DIR), nn.unbox(params))
-  with open(directory / loop.MODEL_CONFIG_FILE, "w") as f:
+  with open(directory / workdir.MODEL_CONFIG_FILE, "w") as f:
     json.dump(config.to_dict(), f)
   tokenizers.save_tokenizer(smol_tokenizer, directory)
   return directory

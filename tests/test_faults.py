@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from decoder_jax import inference
+from decoder_jax import inference, workdir as workdir_lib
 from decoder_jax.model import Decoder, ModelConfig
 from decoder_jax.train import checkpoint, config_sections, loop, setup, state as state_lib, steps
 from test_multiprocess import saved_steps
@@ -77,7 +77,7 @@ def test_a_truncated_latest_checkpoint_falls_back_to_the_one_before(data_dir, tm
   resumed = train(6, workdir, checkpoint_every=2)
   assert "the checkpoint at step 4 cannot be read" in caplog.text
   assert "resumed from" in caplog.text and "at step 2" in caplog.text
-  assert (pathlib.Path(workdir) / checkpoint.UNREADABLE_DIR / "4" / "state").is_dir()
+  assert (pathlib.Path(workdir) / workdir_lib.UNREADABLE_DIR / "4" / "state").is_dir()
   straight = train(6, str(tmp_path / "straight"))
   assert resumed["eval/loss"] == straight["eval/loss"]
   assert read_metrics(workdir, "train/loss") == read_metrics(tmp_path / "straight", "train/loss")

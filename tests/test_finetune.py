@@ -20,7 +20,7 @@ from decoder_jax import decoding, inference, peft
 from decoder_jax.errors import ConfigError
 from decoder_jax.evaluation import generation, metrics
 from decoder_jax.model import Decoder, ModelConfig
-from decoder_jax import sharding
+from decoder_jax import losses, sharding
 from decoder_jax.train import checkpoint, loop, state as state_lib, steps
 
 from conftest import TINY_SMOL as TINY
@@ -152,7 +152,7 @@ def test_prompt_tokens_do_not_move_the_loss():
            "weights": np.concatenate([np.zeros((2, 5)), np.ones((2, 7))], 1).astype(np.float32)}
   other = dict(batch, targets=batch["targets"].copy())
   other["targets"][:, :5] = (other["targets"][:, :5] + 1) % 64  # change prompt targets only
-  loss = lambda p, b: jnp.divide(*steps.loss_sums(model, p, b))  # noqa: E731
+  loss = lambda p, b: jnp.divide(*losses.loss_sums(model, p, b))  # noqa: E731
   assert float(loss(params, batch)) == pytest.approx(float(loss(params, other)), abs=1e-7)
   g1, g2 = jax.grad(loss)(params, batch), jax.grad(loss)(params, other)
   assert all(np.allclose(a, b, atol=1e-7) for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)))
@@ -182,7 +182,7 @@ def test_classification_head_learns_a_separable_task():
   for i in range(150):
     state, _ = step(state, {}, make(i), jax.random.key(0))
   test = make(10_000, 256)
-  logits = steps.class_logits(model, state.params, test)
+  logits = losses.class_logits(model, state.params, test)
   accuracy = float((np.argmax(np.asarray(logits), -1) == test["labels"]).mean())
   assert accuracy > 0.95, accuracy
 
@@ -324,11 +324,12 @@ def test_task_configs_take_every_method(name):
 
   sys.path.insert(0, str(REPO))
   module = importlib.import_module(f"configs.{name}")
-  from decoder_jax.train import config_sections, init_from
+  from decoder_jax.model.config import PEFT_METHODS
+  from decoder_jax.train import config_sections
   for method in config_sections.FINETUNE_METHODS:
     for arg in (method, f"{method},cpu"):
       config = module.get_config(arg)
-      chosen = [m for m in init_from.PEFT_FIELDS if config.model.get(m) is not None]
+      chosen = [m for m in PEFT_METHODS if config.model.get(m) is not None]
       assert chosen == ([] if method == "full" else [method]), (arg, chosen)
       # The section builds the method's config (every field known, values valid).
       ModelConfig.from_dict({**ModelConfig().to_dict(), **{

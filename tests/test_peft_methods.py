@@ -15,7 +15,7 @@ from flax import traverse_util
 from decoder_jax import decoding, inference, peft
 from decoder_jax.errors import ConfigError
 from decoder_jax.model import Decoder, ModelConfig
-from decoder_jax import sharding
+from decoder_jax import sharding, workdir as workdir_lib
 from decoder_jax.train import checkpoint, state as state_lib, steps
 from test_peft import random_params
 
@@ -144,7 +144,7 @@ def test_adapter_only_checkpoint_restores_identical_logits(method, tmp_path):
   config, params, state, frozen, _ = trained(method, num_steps=2)
   directory = str(tmp_path / "adapter_only")
   checkpoint.save_params_replacing(directory, state.params)
-  restored = checkpoint.restore_params(directory, sharding.abstract_like(state.params))
+  restored = workdir_lib.restore_params_dir(directory, sharding.abstract_like(state.params))
   saved = sum(x.size for x in jax.tree.leaves(restored))
   assert saved == peft.count(params, peft.is_method_param(config))[0]
   np.testing.assert_array_equal(logits(config, peft.combine(restored, frozen), TOKENS),

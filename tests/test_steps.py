@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from decoder_jax.model import Decoder, ModelConfig
-from decoder_jax import sharding
+from decoder_jax import losses, sharding
 from decoder_jax.train import steps
 from decoder_jax.train import state as state_lib
 
@@ -38,7 +38,7 @@ def setup(fields, **overrides):
 
 
 def mean_loss(model, params, batch, chunk_size=None):
-  total, weight = steps.loss_sums(model, params, batch, chunk_size=chunk_size)
+  total, weight = losses.loss_sums(model, params, batch, chunk_size=chunk_size)
   return total / weight
 
 
@@ -50,8 +50,8 @@ def test_chunked_loss_equals_plain_loss_with_equal_gradients(name, chunk_size):
   chunked, chunked_grads = jax.value_and_grad(
       lambda p: mean_loss(model, p, batch, chunk_size))(params)
   assert float(chunked) == pytest.approx(float(plain), abs=1e-5)
-  per_token = steps.token_losses(model, params, batch)
-  np.testing.assert_allclose(steps.token_losses(model, params, batch, chunk_size=chunk_size),
+  per_token = losses.token_losses(model, params, batch)
+  np.testing.assert_allclose(losses.token_losses(model, params, batch, chunk_size=chunk_size),
                              per_token, atol=1e-5)
   for a, b in zip(jax.tree.leaves(chunked_grads), jax.tree.leaves(plain_grads)):
     np.testing.assert_allclose(a, b, atol=1e-5)

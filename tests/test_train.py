@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 from conftest import REPO
 from decoder_jax import decoding, inference, trace_account
 from decoder_jax.model import Decoder, ModelConfig
-from decoder_jax import sharding
+from decoder_jax import losses, sharding, workdir as workdir_lib
 from decoder_jax.train import loop, optimizer, state as state_lib
 
 CONFIG = str(REPO / "configs" / "shakespeare_char.py")
@@ -296,7 +296,7 @@ def test_init_from_a_workdir_starts_from_its_weights(data_dir, tmp_path):
   # A learning rate of 0 leaves the weights as loaded: the source's final validation loss.
   assert read_metrics(tmp_path / "b", "eval/loss")[1] == pytest.approx(source["eval/loss"],
                                                                         abs=1e-5)
-  with open(tmp_path / "b" / loop.MODEL_CONFIG_FILE) as f:
+  with open(tmp_path / "b" / workdir_lib.MODEL_CONFIG_FILE) as f:
     saved = json.load(f)
   assert (saved["num_layers"], saved["scan_layers"]) == (2, True)
   # A second run resumes from b's own checkpoint (the source is not read again).
@@ -372,7 +372,7 @@ import sys
 import jax, jax.numpy as jnp, numpy as np
 jax.config.update("jax_num_cpu_devices", 2)
 from jax.sharding import NamedSharding, PartitionSpec as P
-from decoder_jax.train.loop import InFlightSteps
+from decoder_jax.losses import InFlightSteps
 mesh = jax.make_mesh((2,), ("data",))
 w = jax.device_put(jnp.full((256, 256), 0.01), NamedSharding(mesh, P()))
 rows = NamedSharding(mesh, P("data"))
@@ -404,12 +404,12 @@ def test_in_flight_steps_keep_two_device_data_parallel_from_deadlocking():
 def test_in_flight_steps_waits_for_the_oldest_beyond_its_limit(monkeypatch):
   waited = []
   monkeypatch.setattr(loop.jax, "block_until_ready", waited.append)
-  in_flight = loop.InFlightSteps(2)
+  in_flight = losses.InFlightSteps(2)
   for i in range(5):
     in_flight.add(i)
   assert waited == [0, 1, 2]
   with pytest.raises(ValueError, match="at least 1"):
-    loop.InFlightSteps(0)
+    losses.InFlightSteps(0)
 
 
 class _CountingSource:
@@ -555,7 +555,7 @@ def test_best_params_are_replaced_only_once_the_new_copy_is_complete(tmp_path, m
                           first)
   best = str(tmp_path / "best")
   checkpoint.save_params_replacing(best, first)
-  np.testing.assert_array_equal(checkpoint.restore_params(best, abstract)["w"], first["w"])
+  np.testing.assert_array_equal(workdir_lib.restore_params_dir(best, abstract)["w"], first["w"])
 
   def dies_half_way(self, directory, *args, **kwargs):
     os.makedirs(directory)  # part of a copy, as a crash would leave it
@@ -565,12 +565,12 @@ def test_best_params_are_replaced_only_once_the_new_copy_is_complete(tmp_path, m
     patch.setattr(ocp.Checkpointer, "save", dies_half_way)
     with pytest.raises(RuntimeError, match="killed"):
       checkpoint.save_params_replacing(best, second)
-  np.testing.assert_array_equal(checkpoint.restore_params(best, abstract)["w"], first["w"])
+  np.testing.assert_array_equal(workdir_lib.restore_params_dir(best, abstract)["w"], first["w"])
   os.rename(best, best + ".old")  # as a crash between the two renames leaves it
-  np.testing.assert_array_equal(checkpoint.restore_params(best, abstract)["w"], first["w"])
+  np.testing.assert_array_equal(workdir_lib.restore_params_dir(best, abstract)["w"], first["w"])
 
   checkpoint.save_params_replacing(best, second)
-  restored = checkpoint.restore_params(best, abstract)["w"]
+  restored = workdir_lib.restore_params_dir(best, abstract)["w"]
   np.testing.assert_array_equal(restored, second["w"])
   assert restored.sharding == sharding
   assert sorted(os.listdir(tmp_path)) == ["best"]
@@ -578,7 +578,7 @@ def test_best_params_are_replaced_only_once_the_new_copy_is_complete(tmp_path, m
   older = str(tmp_path / "older")
   with ocp.StandardCheckpointer() as writer:
     writer.save(older, first)
-  np.testing.assert_array_equal(checkpoint.restore_params(older, abstract)["w"], first["w"])
+  np.testing.assert_array_equal(workdir_lib.restore_params_dir(older, abstract)["w"], first["w"])
 
 
 def test_train_and_eval_steps_compile_once_on_the_compile_workers(data_dir, tmp_path, caplog):

@@ -706,6 +706,13 @@ class TaskDatasets:
     return self.eval_sets[self.eval_split].examples
 
 
+def head_labels(task_config) -> int:
+  """Classes of a run's classification head (config.task), 0 when it has none."""
+  if task_config is None or task_config.kind != "classification" or task_config.mode != "head":
+    return 0
+  return len(task_config.label_names)
+
+
 def with_defaults(task_config) -> ml_collections.ConfigDict:
   """Copies the fields this module reads; ones `task_config` lacks take their defaults."""
   return fill_defaults(task_config, default_task_config())

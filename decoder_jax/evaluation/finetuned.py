@@ -7,19 +7,26 @@ The library behind `python -m decoder_jax.evaluate`, for notebooks and scripts:
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import pathlib
 import time
 
+import jax
+
+from decoder_jax import decoding, inference, losses, peft, sharding, workdir as workdir_lib
+from decoder_jax.data import task_sources, tasks
 from decoder_jax.errors import ConfigError, NotFound
+from decoder_jax.evaluation import metrics, task_eval
+from decoder_jax.model import Decoder, ModelConfig
+from decoder_jax.model.config import with_training_choices
 
 
 def _eval_set(datasets, task_config, split, source_file, reference_file, tsv_file,
               eval_batch_size, max_examples):
   """(EvalSet, description of where the examples came from)."""
-  from decoder_jax.data import task_sources, tasks
-
   task = datasets.task
   if source_file or reference_file:
     if not (source_file and reference_file):
@@ -48,18 +55,25 @@ def _eval_set(datasets, task_config, split, source_file, reference_file, tsv_fil
   return eval_set, where
 
 
+@dataclasses.dataclass
+class FinetunedRun:
+  """What evaluation needs of a fine-tuning run: its model, tokenizer and task data."""
+  model_config: ModelConfig
+  model: Decoder
+  tokenizer: object
+  datasets: tasks.TaskDatasets
+
+  @property
+  def task(self):
+    return self.datasets.task
+
+
 def load_finetuned(config, workdir: str | None, *, zero_shot: bool = False,
                    weights: str = "best"):
   """(run, params, what) for a task config: the base from config.init_from plus the
   trainable half from `workdir` ("best" or "latest" checkpoint), or the pretrained model
   alone with `zero_shot`. `params` is the full tree (the method unmerged); `what` says
   which weights these are."""
-  import jax
-
-  from decoder_jax import peft
-  from decoder_jax import sharding
-  from decoder_jax.train import checkpoint, loop, setup
-
   if config.get("task") is None:
     raise ConfigError("--config must be a task config (with a task section), e.g. "
                       "configs/smollm2_sst2.py:lora")
@@ -67,40 +81,43 @@ def load_finetuned(config, workdir: str | None, *, zero_shot: bool = False,
     if not workdir:
       raise ConfigError("give --workdir of a fine-tuning run, or --zero_shot to score the "
                         "pretrained model (config.init_from)")
-    if not os.path.exists(os.path.join(workdir, loop.MODEL_CONFIG_FILE)):
-      raise NotFound(f"{workdir} holds no training run ({loop.MODEL_CONFIG_FILE} is missing); "
-                     "pass the --workdir of a fine-tuning run, or --zero_shot")
-    if checkpoint.latest_step(workdir) is None:
+    if not os.path.exists(os.path.join(workdir, workdir_lib.MODEL_CONFIG_FILE)):
+      raise NotFound(f"{workdir} holds no training run ({workdir_lib.MODEL_CONFIG_FILE} is "
+                     "missing); pass the --workdir of a fine-tuning run, or --zero_shot")
+    if workdir_lib.latest_step(workdir) is None:
       raise NotFound(f"no checkpoint in {workdir} yet (use --zero_shot for the pretrained "
                      "model)")
-  loop.split_host_cpu(config.mesh.get("num_cpu_devices"))
+  if not config.get("init_from"):
+    raise ConfigError("a task config (config.task) fine-tunes a pretrained model: set "
+                      "config.init_from to its checkpoint (gguf:FILE, hf:DIR, a converted DIR)")
+  sharding.split_host_cpu(config.mesh.get("num_cpu_devices"))
   mesh = sharding.make_mesh(config.mesh)
+  model_section = config.model.to_dict()
   if zero_shot:
-    config = config.copy_and_resolve_references()
-    with config.unlocked():
-      for name in peft.METHODS:  # the pretrained model alone
-        config.model[name] = None
-  run = setup.build_run(config, workdir, mesh, need_base=True, resuming=False)
-  if zero_shot and run.model.num_labels:
+    model_section.update(dict.fromkeys(peft.METHODS))  # the pretrained model alone
+  start = inference.load_source(config.init_from, mesh)
+  base = inference.laid_out_as(start, with_training_choices(start.config, model_section), mesh)
+  model = Decoder(base.config, num_labels=tasks.head_labels(config.task))
+  if zero_shot and model.num_labels:
     raise ConfigError("zero-shot needs task.mode=label_words: a classification head is "
                       "untrained before fine-tuning")
-  tx = setup.make_optimizer(config.train, run.model_config)
-  _, _, _, frozen_shardings = setup.abstract_state(run, tx, mesh, config)
-  trainable, frozen = setup.split_params(run, setup.initial_params(run, mesh, jax.random.key(0)),
-                                         frozen_shardings, config)
-  run.start = None
+  datasets = tasks.make_task_datasets(config.task, base.tokenizer,
+                                      global_batch_size=config.train.batch_size,
+                                      eval_batch_size=config.data.eval_batch_size,
+                                      seed=config.seed)
+  run = FinetunedRun(base.config, model, base.tokenizer, datasets)
   what = {"weights": "zero-shot (config.init_from)", "source": config.init_from}
-  if not zero_shot:
-    trainable, what = _restore_trainable(workdir, weights, run, tx, mesh, config, trainable)
+  if zero_shot:
+    return run, base.params, what
+  trainable, frozen = inference.split_abstract(model, mesh)
+  frozen = inference.frozen_from(base.params, frozen, config.train.get("frozen_dtype"))
+  trainable, what = _restore_trainable(workdir, weights, trainable)
   return run, peft.combine(trainable, frozen), what
 
 
 def merged_model(run, params):
   """An inference.TrainedModel of a loaded run with its method merged where it can be, for
   inference.generate_batch / complete or evaluation.generation.generate_texts."""
-  from decoder_jax import inference
-  from decoder_jax.evaluation import task_eval
-
   config, params = task_eval.plain_model(run.model_config, params)
   return inference.TrainedModel(config, params, run.tokenizer)
 
@@ -114,9 +131,6 @@ def evaluate(config, workdir: str | None, *, zero_shot: bool = False, weights: s
   A chat task reports the perplexity of the assistant turns and `num_replies` greedy
   replies to held-out conversations, beside the replies the people wrote.
   """
-  from decoder_jax.data import tasks
-  from decoder_jax.evaluation import task_eval
-
   run, params, scored = load_finetuned(config, workdir, zero_shot=zero_shot, weights=weights)
   eval_config = (config.get("eval") or task_eval.default_eval_config()).copy_and_resolve_references()
   with eval_config.unlocked():
@@ -131,8 +145,6 @@ def evaluate(config, workdir: str | None, *, zero_shot: bool = False, weights: s
   result = {"config": config_name, "examples_from": where, **scored}
   task = run.datasets.task
   if isinstance(task, tasks.ChatTask):
-    import math
-
     result["loss"] = _mean_loss(run.model, params, eval_set.batch_list)
     result.update(perplexity=math.exp(min(result["loss"], 50.0)),
                   examples=len(eval_set.examples),
@@ -141,8 +153,6 @@ def evaluate(config, workdir: str | None, *, zero_shot: bool = False, weights: s
   elif isinstance(task, tasks.ClassificationTask):
     predictions, labels, loss = task_eval.classification_predictions(
         run.model, params, task, (dict(b) for b in eval_set.batch_list))
-    from decoder_jax.evaluation import metrics
-
     result.update(loss=loss, accuracy=metrics.accuracy(predictions, labels),
                   macro_f1=metrics.macro_f1(predictions, labels, task.num_labels),
                   examples=len(labels), mode=task.mode)
@@ -170,8 +180,6 @@ def evaluate(config, workdir: str | None, *, zero_shot: bool = False, weights: s
 def _sampled_replies(run, params, examples, max_new_tokens: int) -> list[dict]:
   """Greedy replies to each example's context (the conversation before its last
   assistant turn)."""
-  from decoder_jax import decoding, inference
-
   if not examples:
     return []
   trained = merged_model(run, params)
@@ -190,29 +198,20 @@ def _sampled_replies(run, params, examples, max_new_tokens: int) -> list[dict]:
 
 def _mean_loss(model, params, batches) -> float:
   """Mean weighted loss (on the responses / labels) over the eval batches."""
-  import jax
-
-  from decoder_jax.train import loop, steps
-
-  loss_sums = jax.jit(lambda p, b: steps.loss_sums(model, p, b))
-  return loop.mean_loss(lambda batch: loss_sums(params, dict(batch)), batches)
+  loss_sums = jax.jit(lambda p, b: losses.loss_sums(model, p, b))
+  return losses.mean_loss(lambda batch: loss_sums(params, dict(batch)), batches)
 
 
-def _restore_trainable(workdir, weights, run, tx, mesh, config, like):
-  from decoder_jax import sharding
-  from decoder_jax.train import checkpoint, setup
-
-  best_json = os.path.join(workdir, "best.json")
+def _restore_trainable(workdir, weights, abstract):
+  """(trainable params, what they are): WORKDIR/best when asked for and kept, else the
+  latest checkpoint's."""
+  best_json = os.path.join(workdir, workdir_lib.BEST_FILE)
   if weights == "best" and os.path.exists(best_json):
     with open(best_json) as f:
       best = json.load(f)
-    restored = checkpoint.restore_params(os.path.join(os.path.abspath(workdir), "best"),
-                                         sharding.abstract_like(like))
+    restored = workdir_lib.restore_params_dir(
+        os.path.join(os.path.abspath(workdir), workdir_lib.BEST_DIR), abstract)
     return restored, {"weights": f"best by {best['metric']} ({best['value']:.4f}) at step "
                                  f"{best['step']}", "workdir": workdir}
-  abstract, *_ = setup.abstract_state(run, tx, mesh, config)
-  manager = checkpoint.make_manager(workdir, 1, 1, async_writes=False)
-  state, _ = checkpoint.restore(manager, abstract)
-  manager.close()
-  return state.params, {"weights": f"latest checkpoint, step {int(state.step)}",
-                        "workdir": workdir}
+  params, step = workdir_lib.restore_params(workdir, abstract)
+  return params, {"weights": f"latest checkpoint, step {step}", "workdir": workdir}

@@ -12,11 +12,10 @@ import ml_collections
 import numpy as np
 import optax
 
-from decoder_jax import inference, peft
+from decoder_jax import inference, losses as losses_lib, peft
 from decoder_jax.data import tasks as tasks_lib
 from decoder_jax.evaluation import generation, metrics
 from decoder_jax.model import Decoder, ModelConfig
-from decoder_jax.train import steps
 
 
 def default_eval_config() -> ml_collections.ConfigDict:
@@ -77,10 +76,10 @@ def _head_predictions(params, batch, *, model):
 def _label_word_predictions(params, batch, label_ids, *, model):
   """The same for label words: the LM head's scores of the label words at answer_index;
   the loss is the LM loss of the label word there (the row's only weighted target)."""
-  logits = steps.answer_logits(model, params, batch)  # [batch, vocab]
+  logits = losses_lib.answer_logits(model, params, batch)  # [batch, vocab]
   losses = optax.softmax_cross_entropy_with_integer_labels(
-      logits, steps.at_answer(batch, "targets"))  # [batch]
-  weights = steps.at_answer(batch, "weights")  # [batch]
+      logits, losses_lib.at_answer(batch, "targets"))  # [batch]
+  weights = losses_lib.at_answer(batch, "weights")  # [batch]
   return (jnp.argmax(logits[:, label_ids], axis=-1), weights > 0, (losses * weights).sum(),
           weights.sum())
 

@@ -395,3 +395,19 @@ def preset(name: str, **overrides) -> ModelConfig:
   if name not in _PRESETS:
     raise ConfigError(f"unknown model preset {name!r}; known: {sorted(_PRESETS)}")
   return ModelConfig.from_dict({**_PRESETS[name], **overrides})
+
+
+# ModelConfig fields a training run decides when it starts from a checkpoint
+# (config.init_from); every other field is the checkpoint's architecture.
+TRAINING_FIELDS = ("dtype", "param_dtype", "matmul_dtype", "attention_impl", "remat",
+                   "scan_layers", "dropout", *PEFT_METHODS)
+
+
+def with_training_choices(source: ModelConfig, model_section) -> ModelConfig:
+  """`source`'s architecture with the training choices of `model_section` (a ConfigDict
+  or dict holding at least TRAINING_FIELDS)."""
+  choices = {name: model_section.get(name) for name in TRAINING_FIELDS}
+  for name in PEFT_METHODS:
+    if hasattr(choices[name], "to_dict"):  # a ConfigDict section
+      choices[name] = choices[name].to_dict()
+  return dataclasses.replace(source, **choices)

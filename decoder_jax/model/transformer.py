@@ -5,6 +5,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
 from decoder_jax.model import attention, layers
 from decoder_jax.model.config import ModelConfig
@@ -251,6 +252,29 @@ class PrefixKV(nn.Module):
       out = out.reshape(n, cfg.num_layers, 2, cfg.kv_heads, cfg.head_dim)
       kv = kv + out.transpose(1, 2, 3, 0, 4).astype(kv.dtype)
     return {"k": kv[:, 0], "v": kv[:, 1]}
+
+
+def relayout_layers(params: dict, num_layers: int, scan_layers: bool) -> dict:
+  """Params with the blocks stacked under "blocks" ([layers, ...], scan_layers=True) or
+  one subtree per layer ("block_0", ...); a no-op when they already are."""
+  flat = traverse_util.flatten_dict(params)
+  stacked = any(path[0] == "blocks" for path in flat)
+  if stacked == scan_layers:
+    return params
+  out = {}
+  for path, leaf in flat.items():
+    if scan_layers and path[0].startswith("block_"):
+      continue  # gathered below, all layers at once
+    if not scan_layers and path[0] == "blocks":
+      for i in range(num_layers):
+        out[(f"block_{i}",) + path[1:]] = leaf[i]
+    else:
+      out[path] = leaf
+  if scan_layers:
+    for path in {p[1:] for p in flat if p[0].startswith("block_")}:
+      out[("blocks",) + path] = jnp.stack([flat[(f"block_{i}",) + path]
+                                           for i in range(num_layers)])
+  return traverse_util.unflatten_dict(out)
 
 
 def init_cache(config: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> dict:

@@ -32,7 +32,8 @@ from flax import traverse_util
 
 from decoder_jax.errors import ConfigError
 from decoder_jax.model.config import AdaLoraConfig, ModelConfig
-from decoder_jax.peft.common import add_fresh_leaves, check_dense_targets, name_of
+from decoder_jax.peft.common import (abstract_params, add_fresh_leaves, check_dense_targets,
+                                     name_of)
 
 LEAVES = ("adalora_p", "adalora_e", "adalora_q")
 
@@ -90,8 +91,6 @@ def regularizer(config: ModelConfig):
 
 def num_triplets(config: ModelConfig) -> int:
   """Modules (times layers) holding a triplet: the budget counts init_rank per one."""
-  from decoder_jax.peft.common import abstract_params
-
   flat = abstract_params(config)
   return sum(int(np.prod(flat[m + ("adalora_e",)].shape[:-1], dtype=np.int64))
              for m in _modules(flat))

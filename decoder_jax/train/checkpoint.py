@@ -24,11 +24,9 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from decoder_jax import distributed
+from decoder_jax import distributed, workdir as workdir_lib
+from decoder_jax.workdir import UNREADABLE_DIR
 from decoder_jax.errors import ConfigError, RunFailed
-
-UNREADABLE_DIR = "checkpoints_unreadable"
-
 
 def _state_handler() -> ocp.PyTreeCheckpointHandler:
   """The train state's handler: orbax's PyTree one, whose arrays are copied out whole on
@@ -65,16 +63,6 @@ def check_workdir(workdir: str) -> None:
                       "another --workdir")
 
 
-def latest_step(workdir: str) -> int | None:
-  """The newest complete checkpoint's step in `workdir`, None if it holds none. Reads
-  only: a missing workdir is not created."""
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-  if not os.path.isdir(directory):
-    return None
-  steps = ocp.path.step.checkpoint_steps(directory)  # finalized ones: no partial write
-  return max(steps) if steps else None
-
-
 def make_manager(workdir: str, every_steps: int, keep: int, async_writes: bool = True):
   # Every `every_steps` steps; not orbax's default extra save at a fresh run's first step.
   # The loop also saves at its last step and when stopped (SIGTERM, on any process: its
@@ -84,7 +72,7 @@ def make_manager(workdir: str, every_steps: int, keep: int, async_writes: bool =
       save_decision_policy=save_policy, max_to_keep=keep,
       enable_async_checkpointing=async_writes, create=True,
       cleanup_tmp_directories=True)  # what a killed write left
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+  return ocp.CheckpointManager(workdir_lib.checkpoints_dir(workdir),
                                options=options,
                                item_handlers={"state": _state_handler(),
                                               "data": ocp.JsonCheckpointHandler()})
@@ -122,47 +110,17 @@ def _sibling(path: epath.Path, suffix: str) -> epath.Path:
   return path.parent / (path.name + suffix)
 
 
-def restore_params(directory: str, abstract):
-  """The tree `save_params_replacing` (or orbax's StandardCheckpointer) wrote to
-  `directory`, with the shapes, dtypes and shardings of `abstract`."""
-  path = epath.Path(directory)
-  if not path.exists() and _sibling(path, ".old").exists():
-    path = _sibling(path, ".old")  # a crash fell between save_params_replacing's renames
-  with ocp.Checkpointer(_state_handler()) as checkpointer:
-    return checkpointer.restore(path, args=_pytree_restore(abstract))
-
-
 def _pytree_restore(abstract) -> ocp.args.PyTreeRestore:
   """Restore arguments that place each array as `abstract` says (shape, dtype, sharding)."""
   return ocp.args.PyTreeRestore(
       abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
 
 
-def _path_name(path) -> str:
-  """'opt_state/1/0/mu/...' for a live dataclass/namedtuple path or orbax's dict/list one."""
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
-
-
-def _shapes(tree) -> dict[str, tuple]:
-  return {_path_name(p): tuple(leaf.shape)
-          for p, leaf in jax.tree_util.tree_leaves_with_path(tree) if hasattr(leaf, "shape")}
-
-
-def _shape_mismatches(saved_tree, abstract_state) -> list[str]:
-  """Paths whose saved shape (or presence) differs from what the current config builds."""
-  saved, wanted = _shapes(saved_tree), _shapes(abstract_state)
-  problems = [f"{k}: checkpoint {saved[k]} vs config {wanted[k]}"
-              for k in sorted(saved.keys() & wanted.keys()) if saved[k] != wanted[k]]
-  problems += [f"{k}: in the config, not in the checkpoint" for k in sorted(wanted.keys() - saved.keys())]
-  problems += [f"{k}: in the checkpoint, not in the config" for k in sorted(saved.keys() - wanted.keys())]
-  return problems
-
-
 def restore(manager, abstract_state, step: int | None = None):
   """(state, data_state) from `step` (default: the latest); raises if shapes differ."""
   step = manager.latest_step() if step is None else step
   metadata = manager.item_metadata(step)["state"]
-  problems = _shape_mismatches(getattr(metadata, "tree", metadata), abstract_state)
+  problems = workdir_lib.shape_mismatches(getattr(metadata, "tree", metadata), abstract_state)
   if problems:
     more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
     raise ConfigError(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import itertools
 import json
 import math
@@ -16,16 +15,14 @@ import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from decoder_jax.data import tokenizers
+from decoder_jax import losses, peft, sharding, workdir as workdir_lib
 from decoder_jax.errors import ConfigError, RunFailed
-from decoder_jax import peft
+from decoder_jax.evaluation import task_eval
 from decoder_jax.peft import combine
-from decoder_jax.train import state as state_lib
-from decoder_jax import sharding
-from decoder_jax.train import checkpoint, compile_ahead, optimizer, setup, steps, stopping
+from decoder_jax.train import (checkpoint, compile_ahead, optimizer, setup, state as state_lib,
+                               steps, stopping)
 from decoder_jax.train.metrics import MetricWriter, Progress
-# Re-exported: inference, pretrained and convert name a workdir's model config file by it.
-from decoder_jax.train.setup import MODEL_CONFIG_FILE
+
 
 def check_batch_layout(train_config, mesh) -> None:
   dp = sharding.data_parallel_size(mesh)
@@ -56,31 +53,6 @@ def call_sizes(first_step: int, end_step: int, per_call: int):
     size = per_call if step % per_call == 0 and step + per_call <= end_step else 1
     yield size
     step += size
-
-
-class InFlightSteps:
-  """Keeps at most `limit` dispatched train steps unfinished.
-
-  JAX dispatches asynchronously, so without a bound the host can queue dozens of steps
-  ahead of the device. With several CPU devices in one process (`mesh.num_cpu_devices`),
-  XLA's CPU runtime (jaxlib 0.10.2, 2 cores) then deadlocks in the gradient all-reduce:
-  32 or more queued steps hang until XLA aborts the process, 16 or fewer do not. Two in
-  flight already keep the device busy while the host prepares the next batch (a
-  shakespeare CPU step took the same time with 1, 2 or 4 in flight, 37-38 ms).
-  """
-
-  def __init__(self, limit: int = 2):
-    if limit < 1:
-      raise ValueError(f"limit must be at least 1, got {limit}")
-    self.limit = limit
-    self._queue = collections.deque()  # a scalar output of each unfinished step
-
-  def add(self, step_output) -> None:
-    """Registers a just-dispatched step by one of its outputs; waits for the oldest ones
-    while more than `limit` are queued."""
-    self._queue.append(step_output)
-    while len(self._queue) > self.limit:
-      jax.block_until_ready(self._queue.popleft())
 
 
 class DevicePrefetch:
@@ -129,21 +101,6 @@ class DevicePrefetch:
     return self._ahead[0] if self._ahead is not None else self._iterator.get_state()
 
 
-def split_host_cpu(num_devices) -> None:
-  """Presents the host CPU as `num_devices` JAX devices (a no-op for None).
-
-  XLA runs one CPU device's program on about one core, so on a CPU-only machine a
-  data-parallel mesh over several CPU devices is what puts every core to work.
-  """
-  if not num_devices:
-    return
-  try:
-    jax.config.update("jax_num_cpu_devices", int(num_devices))
-  except RuntimeError:  # the backend is already up (a notebook, a test): keep its devices
-    logging.warning("mesh.num_cpu_devices=%s ignored: JAX already initialised %d devices",
-                    num_devices, jax.device_count())
-
-
 def _global_batch(local_batch: dict, batch_sharding) -> dict:
   return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
           for k, v in local_batch.items()}
@@ -166,24 +123,9 @@ def _stacked_abstract(one_batch, size, stacked_sharding):
                                                      sharding=stacked_sharding), one_batch)
 
 
-def mean_loss(loss_sums, batches) -> float:
-  """Mean weighted loss over `batches`, loss_sums(batch) -> (loss sum, weight sum) on the
-  device: each batch dispatched while the previous ones run (at most two in flight, see
-  InFlightSteps), one fetch at the end."""
-  in_flight = InFlightSteps()
-  sums = []  # (loss sum, weight sum) of each batch, on the device
-  for batch in batches:
-    sums.append(loss_sums(batch))
-    in_flight.add(sums[-1][0])
-  if not sums:
-    return 0.0
-  total, weight = np.asarray(jax.device_get(sums), np.float64).sum(axis=0)  # [2]
-  return float(total / max(weight, 1.0))
-
-
 def evaluate(eval_step, params, frozen, datasets, batch_sharding) -> float:
   """Mean weighted loss over the (main) eval batches."""
-  return mean_loss(lambda batch: eval_step(params, frozen, _global_batch(batch, batch_sharding)),
+  return losses.mean_loss(lambda batch: eval_step(params, frozen, _global_batch(batch, batch_sharding)),
                    datasets.eval_batches())
 
 
@@ -227,9 +169,6 @@ class TaskEvaluator:
   best.json saying which step and value."""
 
   def __init__(self, config, workdir, run, is_writer):
-    from decoder_jax.evaluation import task_eval  # heavy imports (sacrebleu) only when used
-
-    self._task_eval = task_eval
     self.eval_config = config.get("eval") or task_eval.default_eval_config()
     # Plain pretraining configs have no eval section: no best-checkpoint copy there.
     self.keep_best = config.get("eval") is not None and self.eval_config.keep_best
@@ -238,12 +177,12 @@ class TaskEvaluator:
       raise ConfigError(f"eval.metric must be one of {sorted(task_eval.HIGHER_IS_BETTER)}, "
                         f"got {self.metric!r}")
     self.run, self.workdir, self.is_writer = run, workdir, is_writer
-    self.best_dir = os.path.join(os.path.abspath(workdir), "best")
+    self.best_dir = os.path.join(os.path.abspath(workdir), workdir_lib.BEST_DIR)
     self.best = self._read_best()
 
   def _read_best(self):
     try:
-      with open(os.path.join(self.workdir, "best.json")) as f:
+      with open(os.path.join(self.workdir, workdir_lib.BEST_FILE)) as f:
         return json.load(f)
     except FileNotFoundError:
       return None
@@ -253,7 +192,7 @@ class TaskEvaluator:
     evaluation does not measure it on the way."""
     found = {}
     if self.run.task is not None:
-      found.update(self._task_eval.evaluate_task(self.run.model, combine(params, frozen),
+      found.update(task_eval.evaluate_task(self.run.model, combine(params, frozen),
                                                  self.run.tokenizer, self.run.datasets,
                                                  self.eval_config))
     if "loss" not in found:
@@ -268,14 +207,14 @@ class TaskEvaluator:
     return {f"eval/{k}": v for k, v in found.items()}
 
   def _keep_if_best(self, step, params, value):
-    higher = self._task_eval.HIGHER_IS_BETTER[self.metric]
+    higher = task_eval.HIGHER_IS_BETTER[self.metric]
     if self.best is not None and not (value > self.best["value"] if higher
                                       else value < self.best["value"]):
       return
     checkpoint.save_params_replacing(self.best_dir, params, self.is_writer)
     self.best = {"step": step, "metric": self.metric, "value": value}
     if self.is_writer:  # replaced whole, like the params
-      best_json = os.path.join(self.workdir, "best.json")
+      best_json = os.path.join(self.workdir, workdir_lib.BEST_FILE)
       with open(best_json + ".new", "w") as f:
         json.dump(self.best, f)
       os.replace(best_json + ".new", best_json)
@@ -291,7 +230,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
   """
   train_cfg = config.train
   checkpoint.check_workdir(workdir)
-  split_host_cpu(config.mesh.get("num_cpu_devices"))
+  sharding.split_host_cpu(config.mesh.get("num_cpu_devices"))
   mesh = sharding.make_mesh(config.mesh, devices)
   check_batch_layout(train_cfg, mesh)
   if config.data.eval_batch_size % sharding.data_parallel_size(mesh):
@@ -303,7 +242,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
     raise ConfigError("task fine-tuning (config.task) runs in one process for now: its "
                       "evaluation decodes on one host; start it without launch/local.sh")
 
-  resuming = checkpoint.latest_step(workdir) is not None
+  resuming = workdir_lib.latest_step(workdir) is not None
   peft_run = setup.uses_peft(config)  # checkpoints hold the trainable half only
   # The model, data and task are checked before anything is written: a bad config or
   # corpus leaves a new workdir uncreated.
@@ -315,7 +254,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
   tx = setup.make_optimizer(train_cfg, model_config)
   init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
   abstract, state_shardings, abstract_frozen, frozen_shardings = setup.abstract_state(
-      run, tx, mesh, config)
+      run, tx, mesh, train_cfg.get("frozen_dtype"))
   first_step = manager.latest_step() if resuming else 0  # the step restore() reads
 
   batch_sharding = sharding.batch_sharding(mesh)
@@ -384,7 +323,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
         compile_calls(call_list, None)
     if not resuming or peft_run:  # their checkpoints hold the trainable half only
       trainable, frozen = setup.split_params(run, setup.initial_params(run, mesh, init_rng),
-                                             frozen_shardings, config)
+                                             frozen_shardings, train_cfg.get("frozen_dtype"))
       if not resuming:
         state = state_lib.state_from_params(trainable, tx, state_shardings)
       del trainable
@@ -396,11 +335,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
   batches = DevicePrefetch(datasets.train_iter, to_device, call_list)
   run.start = None  # the source's copy of the weights is no longer needed
   if is_writer:  # after the restore, so a refused checkpoint leaves the workdir as it was
-    with open(os.path.join(workdir, MODEL_CONFIG_FILE), "w") as f:
-      json.dump(model_config.to_dict(), f, indent=2)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-    tokenizers.save_tokenizer(run.tokenizer, workdir)
+    workdir_lib.write_run_files(workdir, model_config, config, run.tokenizer)
   num_trainable = state_lib.count_params(state.params)
   num_total = num_trainable + state_lib.count_params(frozen)
   logging.info("model: %s, %.3fM parameters, %.3fM trainable (%.2f%%); mesh %s",
@@ -420,7 +355,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
   last = {}
   start = time.perf_counter()
   profiler = _Profiler(workdir, step, train_cfg.get("profile_steps"), is_writer)
-  in_flight = InFlightSteps()
+  in_flight = losses.InFlightSteps()
   # One compiled program: evaluated op by op, the schedule would compile each of its ~10
   # operations separately on first use (about 0.6 s of start-up on a 2-core CPU).
   learning_rate_at = jax.jit(optimizer.learning_rate_schedule(train_cfg))

@@ -15,8 +15,6 @@ held in `config.train.frozen_dtype` (e.g. bfloat16). Without one everything is t
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any
 
 import flax.linen as nn
@@ -26,19 +24,12 @@ import optax
 from absl import logging
 from flax import traverse_util
 
-from decoder_jax import peft
-from decoder_jax.data import pipeline, tasks, tokenizers
+from decoder_jax import peft, sharding, workdir as workdir_lib
+from decoder_jax.data import pipeline, tasks
 from decoder_jax.errors import ConfigError
 from decoder_jax.model import Decoder, ModelConfig
-from decoder_jax import sharding
+from decoder_jax.model.config import with_training_choices
 from decoder_jax.train import init_from, optimizer, state as state_lib
-
-MODEL_CONFIG_FILE = "model_config.json"
-
-
-def read_model_config(workdir: str) -> ModelConfig:
-  with open(os.path.join(workdir, MODEL_CONFIG_FILE)) as f:
-    return ModelConfig.from_dict(json.load(f))
 
 
 def resolve_model_config(model_section, tokenizer) -> ModelConfig:
@@ -50,14 +41,6 @@ def resolve_model_config(model_section, tokenizer) -> ModelConfig:
     raise ConfigError(f"model.vocab_size={values['vocab_size']} is smaller than the tokenizer's "
                       f"vocabulary ({tokenizer.vocab_size}); leave it None to use the tokenizer's")
   return ModelConfig.from_dict(values)
-
-
-def num_labels_of(config) -> int:
-  """Classes of the classification head, 0 when the run has none."""
-  task = config.get("task")
-  if task is None or task.kind != "classification" or task.mode != "head":
-    return 0
-  return len(task.label_names)
 
 
 def uses_peft(config) -> bool:
@@ -110,8 +93,8 @@ def build_run(config, workdir: str | None, mesh, *, need_base: bool, resuming: b
     model_config, tokenizer = start.config, start.tokenizer
     logging.info("initialised from %s", source)
   elif source:
-    model_config = init_from.training_config(read_model_config(workdir), config.model)
-    tokenizer = tokenizers.load_tokenizer(workdir)
+    model_config = with_training_choices(workdir_lib.read_model_config(workdir), config.model)
+    tokenizer = workdir_lib.read_tokenizer(workdir)
   task_config = config.get("task")
   if task_config is not None and tokenizer is None:
     raise ConfigError("a task config (config.task) fine-tunes a pretrained model: set "
@@ -149,27 +132,23 @@ def build_run(config, workdir: str | None, mesh, *, need_base: bool, resuming: b
     peft.check(model_config, seq_len=seq_len)
     if model_config.adalora is not None:
       peft.adalora.check_schedule(model_config.adalora, train_cfg.num_steps)
-  model = Decoder(model_config, num_labels=num_labels_of(config))
+  model = Decoder(model_config, num_labels=tasks.head_labels(task_config))
   boxed = jax.eval_shape(lambda: model.init(jax.random.key(0),
                                             jnp.zeros((1, 8), jnp.int32)))["params"]
   return Run(model_config, model, tokenizer, datasets, seq_len,
              peft.trainable_predicate(model_config), boxed, start)
 
 
-def frozen_dtype(config):
-  name = config.train.get("frozen_dtype")
-  return None if name is None else jnp.dtype(name)
-
-
-def abstract_state(run: Run, tx, mesh, config):
-  """(abstract TrainState, its shardings, frozen abstract, frozen shardings)."""
+def abstract_state(run: Run, tx, mesh, frozen_dtype: str | None = None):
+  """(abstract TrainState, its shardings, frozen abstract, frozen shardings); the frozen
+  half in `frozen_dtype` (train.frozen_dtype) if set."""
   trainable_boxed, frozen_boxed = peft.split(run.boxed_params, run.trainable)
   boxed_state = jax.eval_shape(
       lambda p: state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=p,
                                      opt_state=tx.init(p), tx=tx), trainable_boxed)
   state_shardings = sharding.shardings_for(boxed_state, mesh)
   frozen_shardings = sharding.shardings_for(frozen_boxed, mesh)
-  cast = frozen_dtype(config)
+  cast = None if frozen_dtype is None else jnp.dtype(frozen_dtype)
 
   def abstract(tree, shardings, dtype=None):
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype or s.dtype,
@@ -224,10 +203,11 @@ def initial_params(run: Run, mesh, rng):
   return traverse_util.unflatten_dict({**have, **new})
 
 
-def split_params(run: Run, params, frozen_shardings, config):
-  """(trainable, frozen) halves; the frozen one cast to train.frozen_dtype if set."""
+def split_params(run: Run, params, frozen_shardings, frozen_dtype: str | None = None):
+  """(trainable, frozen) halves; the frozen one cast to `frozen_dtype` (train.frozen_dtype)
+  if set."""
   trainable, frozen = peft.split(params, run.trainable)
-  cast = frozen_dtype(config)
+  cast = None if frozen_dtype is None else jnp.dtype(frozen_dtype)
   if cast is not None:
     frozen = jax.jit(lambda f: jax.tree.map(lambda x: x.astype(cast), f),
                      out_shardings=frozen_shardings)(frozen)

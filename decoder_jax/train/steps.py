@@ -5,11 +5,7 @@ training; LoRA adapters and a classification head for LoRA), and `frozen`, the r
 (an empty dict for full training). Only the trainable half is differentiated, so the
 frozen base has neither gradients nor optimizer state.
 
-The batch decides the objective: a batch with `last_index` trains the classification
-head (cross-entropy over labels, one example per row); a batch with `answer_index`
-(label words) has one weighted target per row, so only that position's logits are
-computed; any other is language modelling (per-token cross-entropy, weighted by
-`weights` when the batch has them: 0 on prompts and padding).
+The batch decides the objective (decoder_jax/losses.py).
 """
 
 from __future__ import annotations
@@ -22,103 +18,9 @@ from jax.flatten_util import ravel_pytree
 from jax.sharding import PartitionSpec as P
 
 from decoder_jax.errors import ConfigError
+from decoder_jax.losses import loss_sums
 from decoder_jax.peft import combine
 from decoder_jax.sharding import BATCH_AXES
-
-
-def token_losses(model, params, batch, rng=None, deterministic=True, chunk_size=None):
-  """Per-token cross-entropy in float32: [batch, length].
-
-  With `chunk_size`, the output projection and the cross-entropy run over chunks of
-  `chunk_size` tokens under jax.checkpoint, so neither pass holds more than
-  [chunk_size, vocab] logits (the backward pass recomputes each chunk's).
-  """
-  rngs = None if deterministic else {"dropout": rng}
-  if not chunk_size:
-    logits, _ = model.apply({"params": params}, batch["inputs"], deterministic=deterministic,
-                            rngs=rngs)  # [batch, length, vocab]
-    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
-                                                           batch["targets"])
-  hidden, _ = model.apply({"params": params}, batch["inputs"], deterministic=deterministic,
-                          rngs=rngs, return_hidden=True)  # [batch, length, embed]
-  return chunked_token_losses(hidden, output_matrix(model.config, params), batch["targets"],
-                              chunk_size, jnp.dtype(model.config.dtype))
-
-
-def output_matrix(config, params):
-  """The LM head as [embed, vocab]: the tied embedding table's transpose or lm_head."""
-  lora = config.lora
-  if not config.tie_embeddings and lora is not None and lora.is_target(("lm_head",)):
-    raise ConfigError("train.loss_chunk_size does not support LoRA on lm_head; merge or "
-                      "untarget it")
-  if config.tie_embeddings:
-    return params["embed"]["embedding"].T
-  return params["lm_head"]["kernel"]
-
-
-def chunked_token_losses(hidden, matrix, targets, chunk_size: int, dtype):
-  """hidden [batch, length, embed] @ matrix [embed, vocab] -> cross-entropy [batch, length],
-  chunk by chunk over the flattened tokens."""
-  batch, length, width = hidden.shape
-  tokens = batch * length
-  chunks = -(-tokens // chunk_size)
-  pad = chunks * chunk_size - tokens
-  flat_hidden = jnp.pad(hidden.reshape(tokens, width), ((0, pad), (0, 0)))
-  flat_targets = jnp.pad(targets.reshape(tokens), (0, pad))
-
-  @jax.checkpoint
-  def one_chunk(args):
-    h, t = args  # [chunk, embed], [chunk]
-    logits = (h.astype(dtype) @ matrix.astype(dtype)).astype(jnp.float32)  # [chunk, vocab]
-    return optax.softmax_cross_entropy_with_integer_labels(logits, t)
-
-  losses = jax.lax.map(one_chunk, (flat_hidden.reshape(chunks, chunk_size, width),
-                                   flat_targets.reshape(chunks, chunk_size)))
-  return losses.reshape(-1)[:tokens].reshape(batch, length)
-
-
-def class_logits(model, params, batch, rng=None, deterministic=True):
-  """Classification-head logits at each row's last_index: float32 [batch, num_labels]."""
-  rngs = None if deterministic else {"dropout": rng}
-  logits, _ = model.apply({"params": params}, batch["inputs"], deterministic=deterministic,
-                          rngs=rngs, last_index=batch["last_index"])
-  return logits
-
-
-def answer_logits(model, params, batch, rng=None, deterministic=True):
-  """Token logits at each row's answer_index only: float32 [batch, vocab]."""
-  rngs = None if deterministic else {"dropout": rng}
-  logits, _ = model.apply({"params": params}, batch["inputs"], deterministic=deterministic,
-                          rngs=rngs, logits_at=batch["answer_index"])
-  return logits.astype(jnp.float32)
-
-
-def at_answer(batch, key):
-  """batch[key] [batch, length] at each row's answer_index: [batch]."""
-  values = jnp.asarray(batch[key])
-  return values[jnp.arange(values.shape[0]), batch["answer_index"]]
-
-
-def loss_sums(model, params, batch, rng=None, deterministic=True, chunk_size=None):
-  """(sum of weighted losses, sum of weights) of a batch, whatever its objective."""
-  if "last_index" in batch:
-    losses = optax.softmax_cross_entropy_with_integer_labels(
-        class_logits(model, params, batch, rng, deterministic), batch["labels"])  # [batch]
-  elif "answer_index" in batch:
-    # Label words: the answer position is the only weighted target of a row (the
-    # response is one token), so the [batch, length, vocab] logits would be wasted.
-    losses = optax.softmax_cross_entropy_with_integer_labels(
-        answer_logits(model, params, batch, rng, deterministic),
-        at_answer(batch, "targets"))  # [batch]
-    weights = at_answer(batch, "weights")  # [batch]
-    return (losses * weights).sum(), weights.sum()
-  else:
-    losses = token_losses(model, params, batch, rng, deterministic,
-                          chunk_size)  # [batch, length]
-  weights = batch.get("weights")
-  if weights is None:
-    weights = jnp.ones_like(losses)
-  return (losses * weights).sum(), weights.sum()
 
 
 def make_train_step(model, grad_accum_steps: int, dropout: bool,
