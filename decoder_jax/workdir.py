@@ -143,8 +143,10 @@ def shape_mismatches(saved_tree, abstract) -> list[str]:
   saved, wanted = _shapes(saved_tree), _shapes(abstract)
   problems = [f"{k}: checkpoint {saved[k]} vs config {wanted[k]}"
               for k in sorted(saved.keys() & wanted.keys()) if saved[k] != wanted[k]]
-  problems += [f"{k}: in the config, not in the checkpoint" for k in sorted(wanted.keys() - saved.keys())]
-  problems += [f"{k}: in the checkpoint, not in the config" for k in sorted(saved.keys() - wanted.keys())]
+  problems += [f"{k}: in the config, not in the checkpoint"
+               for k in sorted(wanted.keys() - saved.keys())]
+  problems += [f"{k}: in the checkpoint, not in the config"
+               for k in sorted(saved.keys() - wanted.keys())]
   return problems
 
 

@@ -17,7 +17,7 @@ from conftest import REPO
 from decoder_jax import decoding, inference, trace_account
 from decoder_jax.model import Decoder, ModelConfig
 from decoder_jax import losses, sharding, workdir as workdir_lib
-from decoder_jax.train import loop, optimizer, state as state_lib
+from decoder_jax.train import feeding, loop, optimizer, state as state_lib
 
 CONFIG = str(REPO / "configs" / "shakespeare_char.py")
 # A tiny GPT on characters: a few seconds per run on 2 cores.
@@ -431,7 +431,7 @@ class _CountingSource:
 def test_device_prefetch_reads_one_ahead_and_reports_the_unread_state():
   source = _CountingSource(3)
   moved = []
-  batches = loop.DevicePrefetch(source, lambda bs: moved.append(bs) or bs[0] * 10)
+  batches = feeding.DevicePrefetch(source, lambda bs: moved.append(bs) or bs[0] * 10)
   assert batches.get_state() == {"position": 0}
   assert next(batches) == (1, 0) and moved == [[0], [1]]  # batch 1 already handed over
   assert batches.get_state() == {"position": 1}  # a resume must start at batch 1
@@ -443,7 +443,7 @@ def test_device_prefetch_reads_one_ahead_and_reports_the_unread_state():
 
 def test_device_prefetch_groups_batches_by_call():
   source = _CountingSource(100)
-  batches = loop.DevicePrefetch(source, lambda bs: list(bs), sizes=[3, 3, 1])
+  batches = feeding.DevicePrefetch(source, lambda bs: list(bs), sizes=[3, 3, 1])
   assert next(batches) == (3, [0, 1, 2])
   assert batches.get_state() == {"position": 3}  # the next call's 3 are read, not returned
   assert next(batches) == (3, [3, 4, 5])
@@ -454,7 +454,7 @@ def test_device_prefetch_groups_batches_by_call():
 
 
 def test_device_prefetch_hands_over_a_finite_sources_last_partial_call():
-  batches = loop.DevicePrefetch(_CountingSource(8), lambda bs: list(bs), sizes=[3, 3, 3])
+  batches = feeding.DevicePrefetch(_CountingSource(8), lambda bs: list(bs), sizes=[3, 3, 3])
   assert [next(batches), next(batches), next(batches)] == [(3, [0, 1, 2]), (3, [3, 4, 5]),
                                                            (2, [6, 7])]
   assert batches.get_state() == {"position": 8}
@@ -470,7 +470,7 @@ def test_device_prefetch_hands_over_a_finite_sources_last_partial_call():
     (6, 6, 3, []),
 ])
 def test_call_sizes_run_whole_calls_from_multiples(first, end, per_call, sizes):
-  assert list(loop.call_sizes(first, end, per_call)) == sizes
+  assert list(feeding.call_sizes(first, end, per_call)) == sizes
 
 
 def test_steps_per_call_trains_exactly_like_single_steps(data_dir, tmp_path):
@@ -622,7 +622,7 @@ def test_peeking_at_the_batch_shapes_leaves_the_training_iterator_in_place(data_
 
   expected = [next(fresh_iterator()) for _ in range(1)][0]
   iterator = fresh_iterator()
-  shapes = loop._peek_abstract_batch(iterator, sharding.batch_sharding(mesh))
+  shapes = feeding.peek_abstract_batch(iterator, sharding.batch_sharding(mesh))
   assert {k: (v.shape, v.dtype) for k, v in shapes.items()} == {
       k: (np.shape(v), np.asarray(v).dtype) for k, v in expected.items()}
   assert all(s.sharding == sharding.batch_sharding(mesh) for s in shapes.values())

@@ -2,25 +2,24 @@
 
 from __future__ import annotations
 
-import itertools
+import dataclasses
 import json
 import math
 import os
 import time
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import logging
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from decoder_jax import losses, peft, sharding, workdir as workdir_lib
 from decoder_jax.errors import ConfigError, RunFailed
 from decoder_jax.evaluation import task_eval
 from decoder_jax.peft import combine
-from decoder_jax.train import (checkpoint, compile_ahead, optimizer, setup, state as state_lib,
-                               steps, stopping)
+from decoder_jax.train import (checkpoint, compile_ahead, feeding, optimizer, setup,
+                               state as state_lib, steps, stopping)
 from decoder_jax.train.metrics import MetricWriter, Progress
 
 
@@ -43,90 +42,6 @@ def check_batch_layout(train_config, mesh) -> None:
     if train_config[name] % per_call:
       raise ConfigError(f"train.steps_per_call ({per_call}) must divide train.{name} "
                         f"({train_config[name]}): the host acts only between calls")
-
-
-def call_sizes(first_step: int, end_step: int, per_call: int):
-  """How many steps each compiled call runs, from `first_step` to `end_step`: `per_call`
-  from each multiple of it, single steps where fewer remain or before the first one."""
-  step = first_step
-  while step < end_step:
-    size = per_call if step % per_call == 0 and step + per_call <= end_step else 1
-    yield size
-    step += size
-
-
-class DevicePrefetch:
-  """The training batches, handed to the device (`to_device`) one call ahead of the call
-  that reads them, so their host-to-device copy overlaps the steps in flight.
-
-  Each item is (n, batches): the n batches of one compiled call (`sizes` gives each call's
-  n, default 1), as `to_device(list of n host batches)` places them. get_state() is the
-  data state of the first batch not yet returned (the iterator itself has read one call
-  further), which is what a checkpoint after the last dispatched call must resume from.
-  """
-
-  def __init__(self, iterator, to_device, sizes=None):
-    self._iterator, self._to_device = iterator, to_device
-    self._sizes = iter(sizes) if sizes is not None else itertools.repeat(1)
-    self._ahead = None  # (data state before the call's batches, n, batches on the device)
-
-  def _read(self):
-    size = next(self._sizes)  # StopIteration here: no calls left
-    state = self._iterator.get_state()
-    host = []
-    try:
-      while len(host) < size:
-        host.append(next(self._iterator))
-    except StopIteration:
-      pass
-    if not host:
-      raise StopIteration  # a finite source ended at a call's boundary
-    # A finite source that ends inside a call gives a shorter last call, not a dropped one.
-    return state, len(host), self._to_device(host)
-
-  def __iter__(self):
-    return self
-
-  def __next__(self):
-    if self._ahead is None:
-      self._ahead = self._read()  # StopIteration here: nothing left
-    _, size, batches = self._ahead
-    try:
-      self._ahead = self._read()
-    except StopIteration:  # no calls left, or a finite source ended
-      self._ahead = None
-    return size, batches
-
-  def get_state(self):
-    return self._ahead[0] if self._ahead is not None else self._iterator.get_state()
-
-
-def _global_batch(local_batch: dict, batch_sharding) -> dict:
-  return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
-          for k, v in local_batch.items()}
-
-
-def _peek_abstract_batch(iterator, batch_sharding):
-  """Shapes, dtypes and shardings of the iterator's next (global) batch; the iterator is
-  set back to where it was."""
-  position = iterator.get_state()
-  batch = next(iterator)
-  iterator.set_state(position)
-  return sharding.abstract_like(_global_batch(batch, batch_sharding))
-
-
-def _stacked_abstract(one_batch, size, stacked_sharding):
-  """The input of a `size`-step call: `one_batch` itself, or `size` of it stacked."""
-  if size == 1:
-    return one_batch
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct((size, *x.shape), x.dtype,
-                                                     sharding=stacked_sharding), one_batch)
-
-
-def evaluate(eval_step, params, frozen, datasets, batch_sharding) -> float:
-  """Mean weighted loss over the (main) eval batches."""
-  return losses.mean_loss(lambda batch: eval_step(params, frozen, _global_batch(batch, batch_sharding)),
-                   datasets.eval_batches())
 
 
 class _Profiler:
@@ -227,7 +142,58 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
 
   `devices` (default: all) are laid out as `config.mesh`. Returns the last logged
   metrics (including the final "eval/loss").
+
+  The steps, in the order the data flows: build the run (nothing is written yet),
+  compile its programs (on worker threads), restore or initialise the state meanwhile,
+  loop over the steps, finish (wait for the last checkpoint, report).
   """
+  built = _build(config, workdir, devices)
+  init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
+  programs = _Programs(built, dropout_rng)
+  try:
+    programs.compile_calls(built.call_list())
+    state, frozen = _restore_or_init(built, programs, init_rng)
+  except BaseException:
+    programs.close()  # compiles not yet started are dropped
+    raise
+  _write_run_files(built, state, frozen)
+  return _run_and_finish(built, _Loop(built, programs, state, frozen, dropout_rng))
+
+
+@dataclasses.dataclass
+class _Built:
+  """Step 1: what the run is made of, checked, before anything compiles or is written."""
+  config: Any
+  workdir: str
+  mesh: Any
+  run: setup.Run
+  manager: Any  # orbax CheckpointManager of WORKDIR/checkpoints
+  tx: Any
+  abstract: Any  # the TrainState's ShapeDtypeStructs (shardings included)
+  state_shardings: Any
+  abstract_frozen: Any
+  frozen_shardings: Any
+  placement: feeding.BatchPlacement
+  task_evaluator: TaskEvaluator
+  nonfinite: str  # train.on_nonfinite
+  resuming: bool
+  first_step: int  # the step restore() reads (it may fall back to an older one)
+  end_step: int  # where this invocation stops: train.num_steps or train.stop_at_step
+
+  @property
+  def train_cfg(self):
+    return self.config.train
+
+  @property
+  def is_writer(self) -> bool:
+    return jax.process_index() == 0
+
+  def call_list(self) -> list[int]:
+    return list(feeding.call_sizes(self.first_step, self.end_step,
+                                   self.train_cfg.get("steps_per_call") or 1))
+
+
+def _build(config, workdir: str, devices) -> _Built:
   train_cfg = config.train
   checkpoint.check_workdir(workdir)
   sharding.split_host_cpu(config.mesh.get("num_cpu_devices"))
@@ -236,217 +202,272 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, float]:
   if config.data.eval_batch_size % sharding.data_parallel_size(mesh):
     raise ConfigError(f"data.eval_batch_size ({config.data.eval_batch_size}) must be divisible "
                       f"by the data-parallel size {sharding.data_parallel_size(mesh)}")
-  is_writer = jax.process_index() == 0
   nonfinite = stopping.check_choice(train_cfg)
   if jax.process_count() > 1 and config.get("task") is not None:
     raise ConfigError("task fine-tuning (config.task) runs in one process for now: its "
                       "evaluation decodes on one host; start it without launch/local.sh")
-
   resuming = workdir_lib.latest_step(workdir) is not None
-  peft_run = setup.uses_peft(config)  # checkpoints hold the trainable half only
   # The model, data and task are checked before anything is written: a bad config or
   # corpus leaves a new workdir uncreated.
-  run = setup.build_run(config, workdir, mesh, need_base=peft_run, resuming=resuming)
-  task_evaluator = TaskEvaluator(config, workdir, run, is_writer)
-  manager = checkpoint.make_manager(workdir, train_cfg.checkpoint_every, train_cfg.keep_checkpoints,
-                                    train_cfg.async_checkpoints)
-  model_config, model, datasets = run.model_config, run.model, run.datasets
-  tx = setup.make_optimizer(train_cfg, model_config)
-  init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
+  run = setup.build_run(config, workdir, mesh, need_base=setup.uses_peft(config),
+                        resuming=resuming)
+  task_evaluator = TaskEvaluator(config, workdir, run, jax.process_index() == 0)
+  manager = checkpoint.make_manager(workdir, train_cfg.checkpoint_every,
+                                    train_cfg.keep_checkpoints, train_cfg.async_checkpoints)
+  tx = setup.make_optimizer(train_cfg, run.model_config)
   abstract, state_shardings, abstract_frozen, frozen_shardings = setup.abstract_state(
       run, tx, mesh, train_cfg.get("frozen_dtype"))
-  first_step = manager.latest_step() if resuming else 0  # the step restore() reads
+  return _Built(config, workdir, mesh, run, manager, tx, abstract, state_shardings,
+                abstract_frozen, frozen_shardings, feeding.BatchPlacement(mesh), task_evaluator,
+                nonfinite, resuming, first_step=manager.latest_step() if resuming else 0,
+                end_step=min(train_cfg.num_steps,
+                             train_cfg.get("stop_at_step") or train_cfg.num_steps))
 
-  batch_sharding = sharding.batch_sharding(mesh)
-  method = model_config.lora or model_config.adalora
-  dropout = model_config.dropout > 0 or (method is not None and method.dropout > 0)
-  step_fn = steps.make_train_step(
-      model, train_cfg.grad_accum_steps, dropout=dropout,
-      loss_chunk_size=train_cfg.get("loss_chunk_size"),
-      flat_allreduce_mesh=mesh if train_cfg.get("flat_grad_allreduce") else None,
-      regularizer=peft.adalora.regularizer(model_config))
 
-  def jit_step(fn, batches_sharding):  # (state, frozen, batch(es), rng) -> (state, metrics)
-    return jax.jit(fn, in_shardings=(state_shardings, frozen_shardings, batches_sharding, None),
-                   out_shardings=(state_shardings, None), donate_argnums=0)
+class _Programs:
+  """Step 2: the jitted train calls (one program per number of steps a call runs) and the
+  eval step, compiled ahead of time on worker threads while step 3 restores or
+  initialises the parameters."""
 
-  train_step = jit_step(step_fn, batch_sharding)
-  # train.steps_per_call > 1: that many steps per call, their batches stacked [steps, ...].
-  per_call = train_cfg.get("steps_per_call") or 1
-  stacked_sharding = NamedSharding(mesh, P(None, *batch_sharding.spec))
-  multi_step = jit_step(steps.make_multi_step(step_fn), stacked_sharding)
+  def __init__(self, built: _Built, dropout_rng):
+    self.built, self.dropout_rng = built, dropout_rng
+    run, train_cfg = built.run, built.train_cfg
+    config = run.model_config
+    method = config.lora or config.adalora
+    step_fn = steps.make_train_step(
+        run.model, train_cfg.grad_accum_steps,
+        dropout=config.dropout > 0 or (method is not None and method.dropout > 0),
+        loss_chunk_size=train_cfg.get("loss_chunk_size"),
+        flat_allreduce_mesh=built.mesh if train_cfg.get("flat_grad_allreduce") else None,
+        regularizer=peft.adalora.regularizer(config))
 
-  def to_device(host_batches):
-    if len(host_batches) == 1:
-      return _global_batch(host_batches[0], batch_sharding)
-    return _global_batch({k: np.stack([np.asarray(b[k]) for b in host_batches])
-                          for k in host_batches[0]}, stacked_sharding)
-  eval_loss_sums = steps.make_eval_step(model, train_cfg.get("loss_chunk_size"))
-  eval_step = jax.jit(lambda params, frozen, batch: eval_loss_sums(combine(params, frozen), batch),
-                      in_shardings=(state_shardings.params, frozen_shardings, batch_sharding))
+    def jit_step(fn, batches_sharding):  # (state, frozen, batch(es), rng) -> (state, metrics)
+      return jax.jit(fn, in_shardings=(built.state_shardings, built.frozen_shardings,
+                                       batches_sharding, None),
+                     out_shardings=(built.state_shardings, None), donate_argnums=0)
 
-  num_steps = train_cfg.num_steps
-  stop_at = train_cfg.get("stop_at_step") or num_steps
-  end_step = min(num_steps, stop_at)
-  call_list = list(call_sizes(first_step, end_step, per_call))
-  # The train and eval steps compile on worker threads while the parameters are restored
-  # or initialised.
-  ahead = compile_ahead.AheadOfTime(lambda: (jax.set_mesh(mesh), nn.logical_axis_rules(
-      sharding.LOGICAL_AXIS_RULES)))
-  try:
-    step_programs = {}
-    one_batch = _peek_abstract_batch(datasets.train_iter, batch_sharding)
+    self._train_step = jit_step(step_fn, built.placement.one)
+    # train.steps_per_call > 1: that many steps per call, their batches stacked [steps, ...].
+    self._multi_step = jit_step(steps.make_multi_step(step_fn), built.placement.stacked)
+    eval_loss_sums = steps.make_eval_step(run.model, train_cfg.get("loss_chunk_size"))
+    self.eval_step = jax.jit(
+        lambda params, frozen, batch: eval_loss_sums(combine(params, frozen), batch),
+        in_shardings=(built.state_shardings.params, built.frozen_shardings,
+                      built.placement.one))
+    self.ahead = compile_ahead.AheadOfTime(lambda: (jax.set_mesh(built.mesh),
+                                                    nn.logical_axis_rules(
+                                                        sharding.LOGICAL_AXIS_RULES)))
+    self.calls = {}  # steps per call -> its compiled program
+    self._one_batch = None
 
-    def compile_calls(sizes, first_size):  # the programs of calls of `sizes` steps
-      for size in sorted(set(sizes) - set(step_programs)):
-        step_programs[size] = ahead.program(
-            train_step if size == 1 else multi_step, abstract, abstract_frozen,
-            _stacked_abstract(one_batch, size, stacked_sharding), dropout_rng,
-            varying_argnums=(2,),  # the batch
-            background=size != first_size)  # e.g. single steps for a tail
+  def compile_calls(self, sizes: list[int], first_size: int | None = -1) -> None:
+    """Compiles the programs of calls of `sizes` steps not compiled yet; the one of
+    `first_size` (default: the first call's) in the foreground, the others behind it.
+    The first time, the eval step too (in the background)."""
+    built = self.built
+    if self._one_batch is None:
+      self._one_batch = feeding.peek_abstract_batch(built.run.datasets.train_iter,
+                                                    built.placement.one)
+      first_eval = next(iter(built.run.datasets.eval_batches()), None)
+      if first_eval is not None:
+        self.eval_step = self.ahead.program(
+            self.eval_step, built.abstract.params, built.abstract_frozen,
+            sharding.abstract_like(feeding.global_batch(first_eval, built.placement.one)),
+            background=True)
+    if first_size == -1:
+      first_size = sizes[0] if sizes else None
+    for size in sorted(set(sizes) - set(self.calls)):
+      self.calls[size] = self.ahead.program(
+          self._train_step if size == 1 else self._multi_step, built.abstract,
+          built.abstract_frozen, built.placement.abstract_call(self._one_batch, size),
+          self.dropout_rng, varying_argnums=(2,),  # the batch
+          background=size != first_size)  # e.g. single steps for a tail
 
-    if call_list:
-      compile_calls(call_list, call_list[0])
-    first_eval = next(iter(datasets.eval_batches()), None)
-    if first_eval is not None:
-      eval_step = ahead.program(eval_step, abstract.params, abstract_frozen,
-                                sharding.abstract_like(_global_batch(first_eval, batch_sharding)),
-                                background=True)
+  def close(self) -> None:
+    self.ahead.close()
 
-    if resuming:  # the newest step that reads back, which may be older than first_step
-      state, data_state = checkpoint.restore_readable(manager, abstract, workdir)
-      datasets.train_iter.set_state(data_state)
-      logging.info("resumed from %s at step %d", manager.directory, int(state.step))
-      if int(state.step) != first_step:
-        first_step = int(state.step)
-        call_list = list(call_sizes(first_step, end_step, per_call))
-        compile_calls(call_list, None)
-    if not resuming or peft_run:  # their checkpoints hold the trainable half only
-      trainable, frozen = setup.split_params(run, setup.initial_params(run, mesh, init_rng),
-                                             frozen_shardings, train_cfg.get("frozen_dtype"))
-      if not resuming:
-        state = state_lib.state_from_params(trainable, tx, state_shardings)
-      del trainable
-    else:
-      frozen = {}
-  except BaseException:
-    ahead.close()  # compiles not yet started are dropped
-    raise
-  batches = DevicePrefetch(datasets.train_iter, to_device, call_list)
+
+def _restore_or_init(built: _Built, programs: _Programs, init_rng):
+  """Step 3: (state, frozen params): the newest checkpoint that reads back, or the
+  initial state; a parameter-efficient run's frozen base from config.init_from."""
+  run = built.run
+  if built.resuming:  # the newest step that reads back, which may be older than first_step
+    state, data_state = checkpoint.restore_readable(built.manager, built.abstract,
+                                                    built.workdir)
+    run.datasets.train_iter.set_state(data_state)
+    logging.info("resumed from %s at step %d", built.manager.directory, int(state.step))
+    if int(state.step) != built.first_step:
+      built.first_step = int(state.step)
+      programs.compile_calls(built.call_list(), None)
+  frozen = {}
+  if not built.resuming or setup.uses_peft(built.config):  # checkpoints: the trainable half
+    trainable, frozen = setup.split_params(run, setup.initial_params(run, built.mesh, init_rng),
+                                           built.frozen_shardings,
+                                           built.train_cfg.get("frozen_dtype"))
+    if not built.resuming:
+      state = state_lib.state_from_params(trainable, built.tx, built.state_shardings)
+    del trainable
   run.start = None  # the source's copy of the weights is no longer needed
-  if is_writer:  # after the restore, so a refused checkpoint leaves the workdir as it was
-    workdir_lib.write_run_files(workdir, model_config, config, run.tokenizer)
+  return state, frozen
+
+
+def _write_run_files(built: _Built, state, frozen) -> None:
+  """The workdir's model config, run config and tokenizer (after the restore, so a refused
+  checkpoint leaves the workdir as it was), and what the run trains, logged."""
+  run, mesh = built.run, built.mesh
+  if built.is_writer:
+    workdir_lib.write_run_files(built.workdir, run.model_config, built.config, run.tokenizer)
   num_trainable = state_lib.count_params(state.params)
   num_total = num_trainable + state_lib.count_params(frozen)
   logging.info("model: %s, %.3fM parameters, %.3fM trainable (%.2f%%); mesh %s",
-               model_config.family, num_total / 1e6, num_trainable / 1e6,
+               run.model_config.family, num_total / 1e6, num_trainable / 1e6,
                100 * num_trainable / num_total, dict(mesh.shape))
   if jax.process_count() > 1:  # the data pipeline logs which rows of a batch it reads
     logging.info("process %d of %d: %d of the mesh's %d devices", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())
 
-  step = int(state.step)
-  writer = MetricWriter(workdir, enabled=is_writer, resume_step=step)
-  progress = Progress(num_steps, train_cfg.batch_size * run.seq_len, step)
-  pending = []  # device metrics since the last log, fetched together
-  # A log step's metrics are fetched after the next step is dispatched, so the host never
-  # waits for the device with nothing queued (no bubble at log steps).
-  unlogged = None  # (step, [metrics]) awaiting its fetch
-  last = {}
-  start = time.perf_counter()
-  profiler = _Profiler(workdir, step, train_cfg.get("profile_steps"), is_writer)
-  in_flight = losses.InFlightSteps()
-  # One compiled program: evaluated op by op, the schedule would compile each of its ~10
-  # operations separately on first use (about 0.6 s of start-up on a 2-core CPU).
-  learning_rate_at = jax.jit(optimizer.learning_rate_schedule(train_cfg))
-  # Each entry a step's scalar or a call's [steps] array: the mean over steps, the last norm.
-  # Steps skipped for a non-finite loss (train.on_nonfinite=skip) stay out of the mean.
-  def summarize(losses, grad_norms):
-    losses = jnp.concatenate([jnp.ravel(x) for x in losses])  # [steps since the last log]
-    finite = jnp.isfinite(losses)
-    mean = jnp.sum(jnp.where(finite, losses, 0.0)) / jnp.sum(finite)  # nan if none is
-    return mean, jnp.ravel(grad_norms)[-1]
-  summarize_metrics = jax.jit(summarize)
 
-  def write_train_metrics(logged_step, device_metrics):
-    guard.check(state.opt_state, last_saved)  # the host reads the device here anyway
+def _summarize(losses_list, grad_norms):
+  """(mean loss, last gradient norm) of a log interval: each entry a step's scalar or a
+  call's [steps] array. Steps skipped for a non-finite loss (train.on_nonfinite=skip)
+  stay out of the mean."""
+  values = jnp.concatenate([jnp.ravel(x) for x in losses_list])  # [steps since the last log]
+  finite = jnp.isfinite(values)
+  mean = jnp.sum(jnp.where(finite, values, 0.0)) / jnp.sum(finite)  # nan if none is
+  return mean, jnp.ravel(grad_norms)[-1]
+
+
+class _Loop:
+  """Step 4: the steps, with the host's work between calls: logging, evaluation and
+  checkpoints at their intervals, a stop on SIGTERM (on any process)."""
+
+  def __init__(self, built: _Built, programs: _Programs, state, frozen, dropout_rng):
+    train_cfg = built.train_cfg
+    self.built, self.programs, self.dropout_rng = built, programs, dropout_rng
+    self.state, self.frozen = state, frozen
+    self.batches = feeding.DevicePrefetch(built.run.datasets.train_iter,
+                                          built.placement.to_device, built.call_list())
+    self.step = int(state.step)
+    self.writer = MetricWriter(built.workdir, enabled=built.is_writer, resume_step=self.step)
+    self.progress = Progress(train_cfg.num_steps, train_cfg.batch_size * built.run.seq_len,
+                             self.step)
+    self.profiler = _Profiler(built.workdir, self.step, train_cfg.get("profile_steps"),
+                              built.is_writer)
+    self.in_flight = losses.InFlightSteps()
+    # One compiled program: evaluated op by op, the schedule would compile each of its ~10
+    # operations separately on first use (about 0.6 s of start-up on a 2-core CPU).
+    self.learning_rate_at = jax.jit(optimizer.learning_rate_schedule(train_cfg))
+    self.summarize = jax.jit(_summarize)
+    self.guard = stopping.NonFiniteGuard(built.nonfinite,
+                                         train_cfg.get("max_nonfinite_skips") or 10,
+                                         built.manager.directory)
+    self.last_saved = built.first_step if built.resuming else None
+    self.last = {}  # the latest logged metrics
+    self.stop = stopping.StopRequest()
+
+  def write_train_metrics(self, logged_step: int, device_metrics: list) -> None:
+    self.guard.check(self.state.opt_state, self.last_saved)  # the host reads the device here anyway
     # One device op and one transfer for the whole log interval: fetching each step's
     # scalars separately cost about 1 ms apiece on a 2-core CPU (2 ms per step).
-    mean_loss, grad_norm = jax.device_get(
-        summarize_metrics([m["loss"] for m in device_metrics], device_metrics[-1]["grad_norm"]))
-    last.update({"train/loss": float(mean_loss),
-                 "train/grad_norm": float(grad_norm),
-                 "train/learning_rate": float(learning_rate_at(logged_step - 1)),
-                 **progress.rates(logged_step)})
-    skipped = stopping.skipped_steps(state.opt_state)
+    mean_loss, grad_norm = jax.device_get(self.summarize(
+        [m["loss"] for m in device_metrics], device_metrics[-1]["grad_norm"]))
+    self.last.update({"train/loss": float(mean_loss), "train/grad_norm": float(grad_norm),
+                      "train/learning_rate": float(self.learning_rate_at(logged_step - 1)),
+                      **self.progress.rates(logged_step)})
+    skipped = stopping.skipped_steps(self.state.opt_state)
     if skipped is not None:
-      last["train/skipped_steps"] = int(skipped)
-    writer.write(logged_step, {k: v for k, v in last.items() if k.startswith("train/")})
-    progress.log(logged_step, {k: v for k, v in last.items() if k.startswith("train/")})
+      self.last["train/skipped_steps"] = int(skipped)
+    train_metrics = {k: v for k, v in self.last.items() if k.startswith("train/")}
+    self.writer.write(logged_step, train_metrics)
+    self.progress.log(logged_step, train_metrics)
 
-  guard = stopping.NonFiniteGuard(nonfinite, train_cfg.get("max_nonfinite_skips") or 10,
-                                  manager.directory)
-  last_saved = first_step if resuming else None
+  def evaluate(self) -> None:
+    built, state = self.built, self.state
+    self.guard.check(state.opt_state, self.last_saved)
+    eval_loss = lambda: losses.mean_loss(  # noqa: E731
+        lambda batch: self.programs.eval_step(state.params, self.frozen, feeding.global_batch(
+            batch, built.placement.one)), built.run.datasets.eval_batches())
+    evaluated = built.task_evaluator(self.step, state.params, self.frozen, eval_loss)
+    self.writer.write(self.step, evaluated)
+    logging.info("step %d  %s", self.step,
+                 "  ".join(f"{k}={v:.4f}" for k, v in evaluated.items()))
+    self.last.update(evaluated)
 
-  def save(step, force):  # the state checked finite first: a bad one is never written
-    guard.check(state.opt_state, last_saved)
-    return checkpoint.save(manager, step, state, batches.get_state(), force=force)
+  def save(self, force: bool) -> None:
+    """A checkpoint of this step; the state checked finite first: a bad one is never
+    written."""
+    self.guard.check(self.state.opt_state, self.last_saved)
+    if checkpoint.save(self.built.manager, self.step, self.state, self.batches.get_state(),
+                       force=force):
+      self.last_saved = self.step
 
-  try:
-    with (stopping.StopRequest() as stop, jax.set_mesh(mesh),
-          nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES)):
-      while step < end_step and not stop.requested:
-        size, batch = next(batches, (0, None))
-        if size not in step_programs:  # the train iterator is endless unless replaced
-          raise RunFailed(f"the training data ended at step {step + size}, before "
+  def run(self) -> dict[str, float]:
+    built, train_cfg, manager = self.built, self.built.train_cfg, self.built.manager
+    num_steps, stop_at = train_cfg.num_steps, train_cfg.get("stop_at_step") or train_cfg.num_steps
+    pending = []  # device metrics since the last log, fetched together
+    # A log step's metrics are fetched after the next step is dispatched, so the host never
+    # waits for the device with nothing queued (no bubble at log steps).
+    unlogged = None  # (step, [metrics]) awaiting its fetch
+    with self.stop, jax.set_mesh(built.mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+      while self.step < built.end_step and not self.stop.requested:
+        size, batch = next(self.batches, (0, None))
+        if size not in self.programs.calls:  # the train iterator is endless unless replaced
+          raise RunFailed(f"the training data ended at step {self.step + size}, before "
                           f"train.num_steps={num_steps}; the steps up to the last "
                           f"checkpoint are in {manager.directory}")
-        state, metrics = step_programs[size](state, frozen, batch, dropout_rng)
-        in_flight.add(metrics["loss"])
-        guard.add(step, metrics)
-        step += size
-        profiler.after_step(step, metrics)
-        stopping_now = stop.after_call()  # the same on every process
+        self.state, metrics = self.programs.calls[size](self.state, self.frozen, batch,
+                                                        self.dropout_rng)
+        self.in_flight.add(metrics["loss"])
+        self.guard.add(self.step, metrics)
+        self.step += size
+        self.profiler.after_step(self.step, metrics)
+        stopping_now = self.stop.after_call()  # the same on every process
         if unlogged is not None:
-          write_train_metrics(*unlogged)
+          self.write_train_metrics(*unlogged)
           unlogged = None
         pending.append(metrics)
-        is_last = step == num_steps
-        if step % train_cfg.log_every == 0 or is_last:
-          unlogged, pending = (step, pending), []
-        is_eval = step % train_cfg.eval_every == 0 or is_last
-        force = is_last or step == stop_at or stopping_now
-        if unlogged is not None and (is_eval or force or manager.should_save(step)):
-          write_train_metrics(*unlogged)  # the host waits here anyway
+        is_last = self.step == num_steps
+        if self.step % train_cfg.log_every == 0 or is_last:
+          unlogged, pending = (self.step, pending), []
+        is_eval = self.step % train_cfg.eval_every == 0 or is_last
+        force = is_last or self.step == stop_at or stopping_now
+        if unlogged is not None and (is_eval or force or manager.should_save(self.step)):
+          self.write_train_metrics(*unlogged)  # the host waits here anyway
           unlogged = None
         if is_eval:
-          guard.check(state.opt_state, last_saved)
-          evaluated = task_evaluator(step, state.params, frozen, lambda: evaluate(
-              eval_step, state.params, frozen, datasets, batch_sharding))
-          writer.write(step, evaluated)
-          logging.info("step %d  %s", step,
-                       "  ".join(f"{k}={v:.4f}" for k, v in evaluated.items()))
-          last.update(evaluated)
-        if (force or manager.should_save(step)) and save(step, force):
-          last_saved = step
+          self.evaluate()
+        if force or manager.should_save(self.step):
+          self.save(force)
+    return self.last
+
+
+def _run_and_finish(built: _Built, loop: _Loop) -> dict[str, float]:
+  """Steps 4 and 5: the loop, then the last checkpoint's write waited for. A full disk on
+  the way ends the run with one line; whatever happens, an in-flight checkpoint finishes
+  writing."""
+  manager = built.manager
+  start = time.perf_counter()
+  try:
+    last = loop.run()
     manager.wait_until_finished()  # an asynchronous write's failure surfaces here
   except Exception as e:  # pylint: disable=broad-except  # a full disk, from either place
     failure = checkpoint.write_failure(e, manager)
     if failure is None:
       raise
     raise failure from e
-  finally:  # an exception still lets an in-flight checkpoint finish writing
-    ahead.close()
-    profiler.stop()
+  finally:
+    loop.programs.close()
+    loop.profiler.stop()
     try:
       manager.wait_until_finished()
       manager.close()
     except Exception as e:  # pylint: disable=broad-except
       if checkpoint.write_failure(e, manager) is None:
         raise
-    writer.close()
-  if stop.requested:
+    loop.writer.close()
+  if loop.stop.requested:
     logging.warning("stopped by %s at step %d; checkpoint saved in %s",
-                    stop.signal_name or "another process's signal", step, workdir)
-  logging.info("trained to step %d in %.1f s", step, time.perf_counter() - start)
+                    loop.stop.signal_name or "another process's signal", loop.step,
+                    built.workdir)
+  logging.info("trained to step %d in %.1f s", loop.step, time.perf_counter() - start)
   return last
