@@ -170,8 +170,9 @@ def restore_params(workdir: str, abstract, step: int | None = None):
     problems = shape_mismatches(saved.get("params", {}), abstract)
     if problems:
       more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
-      raise ConfigError(f"the checkpoint at {path.parent} holds params of another shape than "
-                        f"the model config builds ({'; '.join(problems[:3])}{more})")
+      raise ConfigError(f"the checkpoint at {path.parent} was written by a model of a "
+                        f"different shape than {MODEL_CONFIG_FILE} builds "
+                        f"({'; '.join(problems[:3])}{more})")
     restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
         wanted, restore_args=_restore_args(wanted), partial_restore=True))
   return restored["params"], int(restored["step"])
