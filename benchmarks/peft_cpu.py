@@ -19,11 +19,10 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
-import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import common
+
 METHODS = ("zero-shot", "full", "lora", "adalora", "adapter", "prompt", "prefix")
 TASKS = ("sst2", "multi30k", "chat")
 
@@ -34,16 +33,6 @@ def eval_args(task: str, data_dir: str, bleu_examples: int, tsv_file: str | None
   if task == "multi30k":
     return ["--split=test_2016_flickr", f"--max_examples={bleu_examples}"]
   return ["--split=test"]
-
-
-def timed(args, log_path, env) -> dict:
-  """Runs `args`, output to log_path: {"wall_s", "peak_rss_mib", "returncode"}."""
-  start = time.perf_counter()
-  with open(log_path, "w") as log:
-    child = subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    _, status, usage = os.wait4(child.pid, 0)
-  return {"wall_s": time.perf_counter() - start, "peak_rss_mib": usage.ru_maxrss / 1024,
-          "returncode": os.waitstatus_to_exitcode(status)}
 
 
 def trainable_from_log(log_path: str):
@@ -72,9 +61,9 @@ def run_one(task, method, args, env) -> dict:
   if method != "zero-shot":
     train_log = os.path.join(args.root, f"{name}.train.log")
     timing_file = os.path.join(args.root, f"{name}.train.json")
-    if not os.path.exists(timing_file):
-      timing = timed([python, "-m", "decoder_jax.train", f"--config={config}",
-                      f"--workdir={workdir}"], train_log, env)
+    if not os.path.exists(timing_file):  # wall_s, peak_rss_mib (the child's), returncode
+      timing = common.run([python, "-m", "decoder_jax.train", f"--config={config}",
+                           f"--workdir={workdir}"], train_log, env=env)
       if timing["returncode"] == 0:
         with open(timing_file, "w") as f:
           json.dump(timing, f)
@@ -87,8 +76,8 @@ def run_one(task, method, args, env) -> dict:
   evaluate = [python, "-m", "decoder_jax.evaluate", f"--config={config}"]
   evaluate += ["--zero_shot"] if method == "zero-shot" else [f"--workdir={workdir}"]
   eval_log = os.path.join(args.root, f"{name}.eval.log")
-  eval_timing = timed(evaluate + eval_args(task, args.data_dir, args.bleu_examples,
-                                           args.tsv_file), eval_log, env)
+  eval_timing = common.run(evaluate + eval_args(task, args.data_dir, args.bleu_examples,
+                                                args.tsv_file), eval_log, env=env)
   with open(eval_log, errors="replace") as f:
     lines = [line for line in f if line.startswith("{")]
   row["eval"] = json.loads(lines[-1]) if lines else None
@@ -108,20 +97,18 @@ def metric(row) -> str:
 
 
 def table(rows) -> str:
-  lines = ["| task | method | metric | trainable (share) | steps | train wall s | "
-           "peak host MiB | eval wall s | weights scored |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+  cells = []
   for row in rows:
-    params = row.get("params")
-    trained = "wall_s" in row
-    cells = [row["task"], row["method"], metric(row),
-             f"{params[0] / 1e6:.3f}M ({100 * params[0] / params[1]:.2f}%)" if params else "0",
-             str(row.get("steps") or "-"),
-             f"{row['wall_s']:.0f}" if trained else "-",
-             f"{row['peak_rss_mib']:.0f}" if trained else "-",
-             f"{row.get('eval_wall_s', 0):.0f}", (row.get("eval") or {}).get("weights", "-")]
-    lines.append("| " + " | ".join(cells) + " |")
-  return "\n".join(lines)
+    params, trained = row.get("params"), "wall_s" in row
+    cells.append([row["task"], row["method"], metric(row),
+                  f"{params[0] / 1e6:.3f}M ({100 * params[0] / params[1]:.2f}%)" if params
+                  else "0", row.get("steps") or "-",
+                  f"{row['wall_s']:.0f}" if trained else "-",
+                  f"{row['peak_rss_mib']:.0f}" if trained else "-",
+                  f"{row.get('eval_wall_s', 0):.0f}", (row.get("eval") or {}).get("weights", "-")])
+  return "\n".join(common.md_table(
+      ["task", "method", "metric", "trainable (share)", "steps", "train wall s",
+       "peak host MiB", "eval wall s", "weights scored"], cells, right=range(2, 8)))
 
 
 def main():

@@ -1,12 +1,10 @@
 """Per-device memory of the training state (parameters + AdamW state) on data, fsdp and
 tensor meshes, from XLA's compiled memory analysis of the real train step.
 
-The host CPU is split into 8 JAX devices. For each model and mesh the script builds the
-train step as the training loop does (decoder_jax.train.loop.train_and_evaluate:
-setup.make_optimizer, setup.abstract_state, steps.make_train_step, jax.jit with the state
-shardings and the state donated), lowers it for abstract inputs (jax.ShapeDtypeStruct with
-shardings: nothing is allocated) under the mesh and LOGICAL_AXIS_RULES, compiles it, and
-reads `compiled.memory_analysis()`, whose sizes are per device. Columns (MiB per device):
+The host CPU is split into 8 JAX devices. Per model and mesh, the train step is built as
+the training loop builds it (setup.make_optimizer, setup.abstract_state,
+steps.make_train_step, jax.jit with the state shardings, state donated), compiled for
+abstract inputs (nothing is allocated) and its `memory_analysis()` read. MiB per device:
 
   params, opt state  from the shardings: the shard shape of every leaf on device 0
                      (`sharding.shard_shape(shape)`), summed
@@ -27,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import shlex
 import sys
 import time
 
@@ -36,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-import machine  # benchmarks/machine.py
+import common  # benchmarks/common.py
 from decoder_jax import peft
 from decoder_jax.model import Decoder, ModelConfig, preset
 from decoder_jax import sharding
@@ -139,15 +136,13 @@ def measure(model_name: str, mesh_sizes: dict[str, int], batch: int, seq_len: in
 
 
 def table(rows) -> str:
-  lines = ["| model | mesh | params | opt state | state (shardings) | state (XLA) | "
-           "/ replicated | whole | temp | alias | compile s |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-  for r in rows:
-    mib = lambda key: f"{r[key] / MIB:.2f}"  # noqa: E731
-    lines.append(f"| {r['model']} | {r['mesh']} | {mib('params')} | {mib('opt')} | "
-                 f"{mib('state')} | {mib('xla_state')} | {r['state'] / r['state_global']:.3f} | "
-                 f"{mib('whole')} | {mib('temp')} | {mib('alias')} | {r['compile_s']:.1f} |")
-  return "\n".join(lines)
+  mib = lambda r, *keys: [f"{r[k] / MIB:.2f}" for k in keys]  # noqa: E731
+  return "\n".join(common.md_table(
+      ["model", "mesh", "params", "opt state", "state (shardings)", "state (XLA)",
+       "/ replicated", "whole", "temp", "alias", "compile s"],
+      [[r["model"], r["mesh"], *mib(r, "params", "opt", "state", "xla_state"),
+        f"{r['state'] / r['state_global']:.3f}", *mib(r, "whole", "temp", "alias"),
+        f"{r['compile_s']:.1f}"] for r in rows], right=range(2, 11)))
 
 
 def main(argv=None) -> None:
@@ -159,8 +154,8 @@ def main(argv=None) -> None:
   parser.add_argument("--seq_len", type=int, default=256)
   args = parser.parse_args(argv)
   sharding.split_host_cpu(NUM_DEVICES)  # before any use of the backend
-  print(f"command: python {shlex.join(['benchmarks/sharding_memory.py', *sys.argv[1:]])}")
-  print(f"machine: {machine.cores()} cores ({machine.cpu_name()}); jax {jax.__version__}, "
+  print(f"command: {common.command_line('sharding_memory.py', sys.argv[1:])}")
+  print(f"machine: {common.cores()} cores ({common.cpu_name()}); jax {jax.__version__}, "
         f"backend {jax.default_backend()}, {jax.device_count()} devices; "
         f"batch {args.batch} x {args.seq_len} tokens; float32 params and AdamW moments\n")
   rows = []

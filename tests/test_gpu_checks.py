@@ -1,4 +1,4 @@
-"""benchmarks/gpu_checks.py: the kit's package list and the acceptance table's verdicts."""
+"""tools/gpu_checks.py: the kit's package list and the acceptance table's verdicts."""
 
 import importlib.metadata as metadata
 import json
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
 import gpu_checks  # noqa: E402  pylint: disable=wrong-import-position
 
 

@@ -5,12 +5,12 @@ Two steps:
   # 1. Here, with package-index access: a kit folder with wheels for what the GPU machine
   #    lacks (decoder_jax's dependencies not in HAVE: one distribution name per line, e.g.
   #    from `pip list` there) at the versions installed here, and the shakespeare text.
-  python benchmarks/gpu_checks.py prepare --kit .kit --have /tmp/gpu_packages.txt \\
+  python tools/gpu_checks.py prepare --kit .kit --have /tmp/gpu_packages.txt \\
       --data_dir /work/shared/data
 
   # 2. There (no network), from the repository root, carrying .kit:
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .kit/wheels/*.whl && \\
-  PYTHONPATH=/tmp/site:$PWD python3 benchmarks/gpu_checks.py run --kit .kit --out $OUT
+  PYTHONPATH=/tmp/site:$PWD python3 tools/gpu_checks.py run --kit .kit --out $OUT
 
 `run` works through the stages in order of importance, each in its own processes with a time
 cap, within one overall budget (--budget_s; a stage that would not fit is skipped and named
@@ -34,6 +34,7 @@ Stages (default order; caps in seconds):
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import datetime
 import importlib.metadata as metadata
@@ -46,17 +47,18 @@ import tarfile
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCHMARKS = os.path.join(ROOT, "benchmarks")
+sys.path.insert(0, BENCHMARKS)
 # pylint: disable=wrong-import-position
+import common  # benchmarks/common.py: the subprocess runner
 # The speed, MFU and nanoGPT figures are train_speed.py's, the one place they are set.
 from train_speed import MFU_TARGET, NANOGPT_TOK_S, SPEED_TARGETS
 from decoder_jax import trace_account
 from packaging.utils import canonicalize_name
 # pylint: enable=wrong-import-position
 
-ROOT = os.path.dirname(HERE)
-TRAIN_SPEED = os.path.join(HERE, "train_speed.py")
+TRAIN_SPEED = os.path.join(BENCHMARKS, "train_speed.py")
 SHAKESPEARE_CONFIG = os.path.join(ROOT, "configs", "shakespeare_char.py")
 CORPUS = "tiny_shakespeare"
 MAX_RETURNED_BYTES = 16 << 20  # the largest file the device tool brings back
@@ -167,38 +169,6 @@ class Budget:
     return self.end - time.time()
 
 
-def _run_logged(cmd, log_path, timeout):
-  """Runs cmd (in its own process group, killed whole at `timeout`) with stdout and stderr
-  to log_path; returns a status."""
-  with open(log_path, "w") as log:
-    log.write("$ " + " ".join(cmd) + "\n")
-    log.flush()
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True, cwd=ROOT)
-    try:
-      rc = proc.wait(timeout=timeout)
-      return "ok" if rc == 0 else f"failed (exit {rc})"
-    except subprocess.TimeoutExpired:
-      _kill(proc)
-      return f"killed at {timeout:.0f} s"
-
-
-def _kill(proc):
-  """SIGTERM first (train_speed.py then ends its own child, which runs in a session of its
-  own), SIGKILL after 10 s."""
-  import signal
-  for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, None)):
-    try:
-      os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-      break
-    try:
-      proc.wait(timeout=wait)
-      return
-    except subprocess.TimeoutExpired:
-      continue
-
-
 def _load(path):
   try:
     with open(path) as f:
@@ -214,7 +184,9 @@ def stage_train_speed(name, extra, args, budget, cap):
          "--time_limit_s", f"{max(timeout - 15, 30):.0f}"]
   if args.smoke:
     cmd += SMOKE_SPEED if "--max_batch_search" not in extra else SMOKE_SEARCH
-  status = _run_logged(cmd, os.path.join(args.work, f"{name}.log"), timeout + 10)
+  # On SIGTERM at the cap, train_speed.py ends its own child (a session of its own) too.
+  status = common.run(cmd, os.path.join(args.work, f"{name}.log"), timeout=timeout + 10,
+                      cwd=ROOT)["status"]
   return status, _load(json_out)
 
 
@@ -238,31 +210,22 @@ def stage_bf16_f32(args, budget, cap):
   """The GPU recipe in bfloat16 (as configured) and float32, at once on one GPU."""
   timeout = min(cap, budget.left())
   data_dir = os.path.join(os.path.abspath(args.kit), "data")
-  procs, runs = [], {}
-  for dtype in ("bfloat16", "float32"):
-    workdir = os.path.join(tempfile.mkdtemp(prefix=f"shakespeare_{dtype}_"), "w")
+  env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION="0.4")  # two processes, one GPU
+  runs = {dtype: {"workdir": os.path.join(tempfile.mkdtemp(prefix=f"shakespeare_{dtype}_"), "w")}
+          for dtype in ("bfloat16", "float32")}
+
+  def train(dtype):
     cmd = [sys.executable, "-m", "decoder_jax.train", f"--config={SHAKESPEARE_CONFIG}",
-           f"--workdir={workdir}", f"--config.data.local_dir={data_dir}",
+           f"--workdir={runs[dtype]['workdir']}", f"--config.data.local_dir={data_dir}",
            f"--config.model.dtype={dtype}"] + (SMOKE_RECIPE if args.smoke else [])
-    env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION="0.4")  # two processes, one GPU
-    log = open(os.path.join(args.work, f"bf16_f32_{dtype}.log"), "w")
-    log.write("$ " + " ".join(cmd) + "\n")
-    log.flush()
-    procs.append((dtype, log, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                               env=env, cwd=ROOT, start_new_session=True)))
-    runs[dtype] = {"workdir": workdir}
-  start, statuses = time.time(), []
-  for dtype, log, proc in procs:
-    try:
-      rc = proc.wait(timeout=max(timeout - (time.time() - start), 1))
-      statuses.append("ok" if rc == 0 else f"{dtype} failed (exit {rc})")
-    except subprocess.TimeoutExpired:
-      _kill(proc)
-      statuses.append(f"{dtype} killed at {timeout:.0f} s")
-    log.close()
-    final, best, step = recipe_losses(runs[dtype]["workdir"])
-    runs[dtype].update(final=final, best=best, last_eval_step=step)
-  bad = [s for s in statuses if s != "ok"]
+    return common.run(cmd, os.path.join(args.work, f"bf16_f32_{dtype}.log"), env=env,
+                      timeout=timeout, cwd=ROOT)["status"]
+
+  with concurrent.futures.ThreadPoolExecutor(len(runs)) as pool:
+    statuses = dict(zip(runs, pool.map(train, runs)))
+  for r in runs.values():
+    r.update(zip(("final", "best", "last_eval_step"), recipe_losses(r["workdir"])))
+  bad = [f"{dtype} {status}" for dtype, status in statuses.items() if status != "ok"]
   return ("; ".join(bad) if bad else "ok"), runs
 
 
@@ -421,7 +384,7 @@ def acceptance_rows(results, why_not_valid=None):
 def report_text(rows, results, env, args):
   when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
   lines = [f"## Issue 6 GPU checks ({when} UTC{', smoke shapes' if args.smoke else ''})", "",
-           "`python benchmarks/gpu_checks.py run " + " ".join(sys.argv[2:]) + "`", ""]
+           "`python tools/gpu_checks.py run " + " ".join(sys.argv[2:]) + "`", ""]
   if env:
     lines.append("Hardware: " + ", ".join(str(env.get(k)) for k in ("jax_device", "cpu")
                                          if env.get(k)) +
