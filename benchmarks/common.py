@@ -1,11 +1,15 @@
-"""What the benchmarks share: machine facts, contention, step timing, subprocesses, markdown
-tables, and decoder_jax's weights in a Hugging Face model (through decoder_jax.interop.hf)."""
+"""What the benchmarks share: machine facts, contention, timing, subprocesses, tables, and both
+sides of a training step. Heavy imports stay in functions: the timed torch reference imports
+this module too."""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import datetime
 import gc
 import importlib.metadata
+import json
 import os
 import pathlib
 import platform
@@ -19,8 +23,7 @@ import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PLUGINS = ("jax-cuda12-plugin", "jax-cuda13-plugin")
-
-# ----------------------------------------------------------------------------- machine
+BF16_WARN = 0.05  # step-0 loss agreement expected across frameworks in bfloat16
 
 
 def version(dist: str) -> str:
@@ -31,54 +34,45 @@ def version(dist: str) -> str:
 
 
 def cores() -> int:
-  """CPU cores this process may run on."""
   return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-def _cpuinfo(field: str):
+def proc_field(path: str, field: str):
+  """The value of the first "field: value" line of a /proc file, or None."""
   try:
-    with open("/proc/cpuinfo") as f:
+    with open(path) as f:
       return next((line.split(":", 1)[1].strip() for line in f if line.startswith(field)), None)
   except OSError:
     return None
 
 
 def cpu_name() -> str:
-  return _cpuinfo("model name") or platform.processor() or platform.machine()
-
-
-def matmul_features() -> str:
-  """The CPU's matrix instruction sets that decide XLA's bfloat16 dot speed (Linux)."""
-  flags = (_cpuinfo("flags") or "").split()
-  wanted = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2")
-  return ", ".join(f for f in wanted if f in flags) or "none of " + "/".join(wanted)
+  return proc_field("/proc/cpuinfo", "model name") or platform.processor() or platform.machine()
 
 
 def data_dir() -> str:
-  """$DECODER_JAX_DATA, else <repo>/../shared/data (development machines)."""
   return os.environ.get("DECODER_JAX_DATA") or str(REPO.parent / "shared" / "data")
 
 
 def env_facts(dists=("jax", "jaxlib", "flax", "optax", "torch", "transformers")) -> dict:
-  """Date, interpreter, CPU and package versions: what every benchmark records."""
   env = {"date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
          "python": platform.python_version(), "platform": platform.platform(),
          "cpu": cpu_name(), "cores": cores(), **{d: version(d) for d in dists}}
   env.update({p: version(p) for p in PLUGINS if version(p) != "not installed"})
-  env["loadavg_start"] = os.getloadavg()
-  return env
+  return dict(env, loadavg_start=os.getloadavg())
 
 
-def hardware_versions(env, dists) -> str:
-  hw = (f"{env.get('jax_device')} (torch: {env.get('torch_gpu', '-')}, CUDA "
-        f"{env.get('torch_cuda', '-')})" if env.get("gpu") else
-        f"{env.get('cpu')}, {env.get('cores')} cores (CPU)")
-  versions = [f"python {env.get('python')}", f"jax/jaxlib {env.get('jax')}/{env.get('jaxlib')}"]
-  versions += [f"{d} {env.get(d)}" for d in dists] + [f"{p} {env[p]}" for p in PLUGINS if p in env]
-  return f"Hardware: {hw}. Versions: {', '.join(versions)}."
+def command_line(script: str, argv) -> str:
+  return "python " + shlex.join([f"benchmarks/{script}", *argv])
 
 
-# ----------------------------------------------------------------------------- contention
+def dump(path, data, say=True) -> None:
+  """JSON to `path`, atomically."""
+  with open(path + ".tmp", "w") as f:
+    json.dump(data, f, indent=1, default=str)
+  os.replace(path + ".tmp", path)
+  if say:
+    print(f"wrote {path}")
 
 
 def busy_cpu_seconds():
@@ -92,83 +86,56 @@ def busy_cpu_seconds():
   return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
-def _own_cpu() -> float:
-  t = os.times()  # this process and its waited-for children
-  return t.user + t.system + t.children_user + t.children_system
-
-
-class Contention:
-  """How busy *other* processes kept the cores while a block ran (`others`: share of all
-  cores, None off Linux). A child's CPU counts as our own once it has been waited for."""
-
-  def __enter__(self):
-    self.busy0, self.own0, self.t0 = busy_cpu_seconds(), _own_cpu(), time.perf_counter()
-    self.others = None
-    return self
-
-  def __exit__(self, *exc):
-    wall, busy1 = time.perf_counter() - self.t0, busy_cpu_seconds()
-    if self.busy0 is not None and busy1 is not None and wall > 0:
-      own = _own_cpu() - self.own0
-      self.others = max(0.0, busy1 - self.busy0 - own) / (wall * cores())
-    return False
-
-
-def _status_bytes(field: str):
-  try:
-    with open("/proc/self/status") as f:
-      return next((int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":")),
-                  None)
-  except OSError:
+def others_busy(busy0, busy1, own, wall):
+  """Share of all cores that other processes kept busy (None where unknown)."""
+  if busy0 is None or busy1 is None or wall <= 0:
     return None
+  return max(0.0, busy1 - busy0 - own) / (wall * cores())
 
 
-class HostPeak:
-  """Growth of this process's peak RSS over a block (VmHWM). Writing 5 to
-  /proc/self/clear_refs resets VmHWM to the current RSS, so the growth is the block's own
-  peak; where that is refused it is how far the block raised the lifetime peak."""
-
-  def __enter__(self):
-    try:
-      with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-      self.reset = True
-    except OSError:
-      self.reset = False
-    self.rss0, self.hwm0, self.growth = _status_bytes("VmRSS"), _status_bytes("VmHWM"), None
-    return self
-
-  def __exit__(self, *exc):
-    hwm1 = _status_bytes("VmHWM")
-    if hwm1 is not None and self.rss0 is not None:
-      self.growth = max(0, hwm1 - (self.rss0 if self.reset else self.hwm0))
-    return False
-
-  @property
-  def how(self) -> str:
-    return ("peak RSS growth (VmHWM reset per side via /proc/self/clear_refs)" if self.reset
-            else "growth of the process's lifetime peak RSS (VmHWM; clear_refs not writable)")
+@contextlib.contextmanager
+def contention():
+  """{"others"}: how busy other processes kept the cores over the block (a child's CPU
+  counts as our own once it has been waited for)."""
+  own = lambda: sum(os.times()[:4])  # noqa: E731  # user, system, children's user and system
+  out, busy0, own0, t0 = {"others": None}, busy_cpu_seconds(), own(), time.perf_counter()
+  yield out
+  out["others"] = others_busy(busy0, busy_cpu_seconds(), own() - own0, time.perf_counter() - t0)
 
 
-# ----------------------------------------------------------------------------- timing
-
-
-def median(xs):
-  return statistics.median(xs) if xs else None
+@contextlib.contextmanager
+def host_peak():
+  """{"growth", "how"}: growth of this process's peak RSS (VmHWM) over the block: the
+  block's own peak where /proc/self/clear_refs resets VmHWM, else its lifetime peak's."""
+  def kib(field):
+    value = proc_field("/proc/self/status", field + ":")
+    return int(value.split()[0]) * 1024 if value else None
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+    reset = True
+  except OSError:
+    reset = False
+  out, base = {}, kib("VmRSS" if reset else "VmHWM")
+  yield out
+  end = kib("VmHWM")
+  out.update(growth=None if end is None or base is None else max(0, end - base), how=(
+      "peak RSS growth (VmHWM reset per side via /proc/self/clear_refs)" if reset else
+      "growth of the process's lifetime peak RSS (VmHWM; clear_refs not writable)"))
 
 
 def timed_steps(step, warmup: int, steps: int):
   """step(i) for i < warmup + steps, each timed alone (step blocks until its work is done):
-  (seconds per step, outputs, contention over the timed steps)."""
-  times, outs, busy = [], [], Contention()
-  for i in range(warmup + steps):
-    if i == warmup:
-      busy.__enter__()
-    t = time.perf_counter()
-    outs.append(step(i))
-    times.append(time.perf_counter() - t)
-  busy.__exit__()
-  return times, outs, busy.others
+  (seconds per step, outputs as floats, contention over the timed steps)."""
+  times, outs = [], []
+  with contextlib.ExitStack() as stack:
+    for i in range(warmup + steps):
+      if i == warmup:
+        busy = stack.enter_context(contention())
+      t = time.perf_counter()
+      outs.append(step(i))
+      times.append(time.perf_counter() - t)
+  return times, [float(x) for x in outs], busy["others"]
 
 
 def step_stats(times, losses, warmup: int, tokens_per_step: int) -> dict:
@@ -190,9 +157,6 @@ def is_oom(e: BaseException) -> bool:
       "out of memory" in text.lower()
 
 
-# ----------------------------------------------------------------------------- output
-
-
 def fmt_bytes(n) -> str:
   if n is None:
     return "-"
@@ -209,12 +173,11 @@ def busy_cells(others) -> str:
 
 
 def md_table(header, rows, right=()) -> list[str]:
-  """Markdown table lines; columns whose index is in `right` are right-aligned, short rows
-  are padded with empty cells."""
+  """Markdown table lines; columns in `right` right-aligned, short rows padded."""
   sep = "|" + "|".join("---:" if i in right else "---" for i in range(len(header))) + "|"
-  pad = lambda row: list(row) + [""] * (len(header) - len(row))  # noqa: E731
   return ["| " + " | ".join(header) + " |", sep] + [
-      "| " + " | ".join(str(c) for c in pad(row)) + " |" for row in rows]
+      "| " + " | ".join(str(c) for c in [*row, *[""] * (len(header) - len(row))]) + " |"
+      for row in rows]
 
 
 def verdict(met: bool, env) -> str:
@@ -225,40 +188,48 @@ def verdict(met: bool, env) -> str:
   return ("met" if met else "not met") + where
 
 
-def append_section(path, title, env, header, lines) -> None:
-  """--table_out: a markdown section (date, the command, a header paragraph, `lines`)."""
-  text = ["", f"## {title} ({env['date_utc']} UTC)", "", f"`{env['command']}`", "", header, ""]
-  with open(path, "a") as f:
-    f.write("\n".join(text + list(lines)) + "\n")
-  print(f"appended a section to {path}")
+def print_side(rec):
+  print(f"  first step {rec['first_step_s']:.2f} s; timed steps "
+        f"{', '.join(f'{t * 1e3:.1f}' for t in rec['step_s'])} ms; median "
+        f"{rec['ms_per_step']:.1f} ms = {rec['tok_per_s']:,.0f} tok/s; peak memory "
+        f"{fmt_bytes(rec['peak_bytes'])} ({rec['memory_how']}); losses "
+        f"{', '.join(f'{x:.4f}' for x in rec['losses'])}", flush=True)
 
 
-def command_line(script: str, argv) -> str:
-  return "python " + shlex.join([f"benchmarks/{script}", *argv])
-
-
-# ----------------------------------------------------------------------------- subprocesses
-
-
-def _stop(pid: int) -> None:
-  """SIGTERM to the child's process group (a train_speed.py parent then ends its own
-  children, each in a session of its own), SIGKILL 10 s later."""
-  for sig in (signal.SIGTERM, signal.SIGKILL):
-    try:
-      os.killpg(pid, sig)
-    except ProcessLookupError:
-      return
-    for _ in range(100):
-      if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
-        return
-      time.sleep(0.1)
+def add_step_flags(ap, lr: float, weight_decay: float) -> None:
+  """The flags train_speed.py and finetune.py share."""
+  add = ap.add_argument
+  add("--steps", type=int, default=10, help="timed steps per side")
+  add("--warmup", type=int, default=2, help="untimed steps before them")
+  add("--jax_attention", default="auto", choices=("auto", "xla", "cudnn"), help="auto: cudnn "
+      "on a GPU (finetune.py: in bfloat16), else xla; a cudnn failure falls back to xla")
+  add("--torch_compile", action=argparse.BooleanOptionalAction, default=None,
+      help="torch.compile the HF model (default: on with CUDA, off on CPU)")
+  add("--torch_compile_mode", default=None, help="e.g. max-autotune")
+  add("--lr", type=float, default=lr)
+  add("--weight_decay", type=float, default=weight_decay)
+  add("--grad_clip", type=float, default=1.0, help="global-norm clip (0: none)")
+  add("--loss_tol", type=float, default=1e-3,
+      help="float32 step-0 loss agreement required across sides (exit code 2 otherwise)")
+  add("--num_layers", type=int, default=0, help="every model's layer count (smoke tests)")
+  add("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
+  add("--seed", type=int, default=0)
+  add("--json_out", default=None)
 
 
 def run(cmd, log=None, *, env=None, timeout=None, cwd=REPO) -> dict:
-  """Runs cmd in a process group of its own (killed whole at `timeout` or on Ctrl-C), its
-  output to the file `log` (headed by the command) or ours. Returns {"returncode",
-  "status" ("ok", "exit code N", "killed at N s"), "wall_s", "peak_rss_mib" (of the child),
-  "others" (how busy other processes kept the cores meanwhile)}."""
+  """Runs cmd in a process group of its own (killed whole at `timeout` or on Ctrl-C), output
+  to `log` or ours: {returncode, status, wall_s, peak_rss_mib (the child's), others}."""
+  def stop(pid):
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+      try:
+        os.killpg(pid, sig)
+      except ProcessLookupError:
+        return
+      for _ in range(100):
+        if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+          return
+        time.sleep(0.1)
   out = open(log, "w") if log else None  # pylint: disable=consider-using-with
   if out:
     out.write("$ " + shlex.join(map(str, cmd)) + "\n")
@@ -273,31 +244,26 @@ def run(cmd, log=None, *, env=None, timeout=None, cwd=REPO) -> dict:
       if pid:
         break
       if time.perf_counter() - t0 > timeout:
-        _stop(proc.pid)
+        stop(proc.pid)
         killed = True
       time.sleep(0.05)
   except KeyboardInterrupt:
-    _stop(proc.pid)
+    stop(proc.pid)
     raise
   finally:
     if out:
       out.close()
-  wall, busy1 = time.perf_counter() - t0, busy_cpu_seconds()
+  wall = time.perf_counter() - t0
   proc.returncode = rc = os.waitstatus_to_exitcode(code)
-  others = None
-  if busy0 is not None and busy1 is not None:
-    others = max(0.0, busy1 - busy0 - usage.ru_utime - usage.ru_stime) / (wall * cores())
   status = f"killed at {timeout:.0f} s" if killed else "ok" if rc == 0 else f"exit code {rc}"
   return {"returncode": rc, "status": status, "wall_s": wall,
-          "peak_rss_mib": usage.ru_maxrss / 1024, "others": others}
-
-
-# ----------------------------------------------------------------------------- decoder_jax side
+          "peak_rss_mib": usage.ru_maxrss / 1024, "others": others_busy(
+              busy0, busy_cpu_seconds(), usage.ru_utime + usage.ru_stime, wall)}
 
 
 def init_params(config, seed: int) -> dict:
-  """decoder_jax's random init as {flat path: numpy} (config's layout and param dtype), made
-  on JAX's CPU backend so a GPU's memory statistics start with the timed side."""
+  """decoder_jax's random init as {flat path: numpy}, made on JAX's CPU backend so a GPU's
+  memory statistics start with the timed side."""
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
@@ -313,9 +279,9 @@ def flat(tree) -> dict:
   return traverse_util.flatten_dict(tree)
 
 
-def unflat(flat: dict) -> dict:
+def unflat(tree: dict) -> dict:
   from flax import traverse_util
-  return traverse_util.unflatten_dict(flat)
+  return traverse_util.unflatten_dict(tree)
 
 
 def cast(x, dtype):
@@ -330,33 +296,35 @@ def random_batches(vocab: int, batch: int, seq_len: int, n: int, seed: int) -> l
           for t in tokens]
 
 
-def make_tx(lr: float, weight_decay: float, grad_clip: float):
-  """decoder_jax's AdamW (train.optimizer: decay on matrices and embeddings) at a constant
-  lr, betas 0.9/0.999, eps 1e-8, after a global-norm clip (0: none)."""
+def train_state(params, args):
+  """A TrainState of decoder_jax's AdamW (train.optimizer: decay on matrices and
+  embeddings), constant args.lr, betas 0.9/0.999, eps 1e-8, clip args.grad_clip (0: none)."""
+  import jax.numpy as jnp
   import ml_collections
   import optax
-  from decoder_jax.train import optimizer
-  if grad_clip <= 0:
-    return optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay,
-                       mask=optimizer.decay_mask)
-  return optimizer.make_optimizer(ml_collections.ConfigDict(dict(
-      num_steps=1, learning_rate=lr, min_learning_rate=lr, warmup_steps=0, decay_steps=None,
-      b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay, grad_clip=grad_clip)))
+  from decoder_jax.train import optimizer, state as state_lib
+  lr, wd = args.lr, args.weight_decay
+  tx = (optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=wd, mask=optimizer.decay_mask)
+        if args.grad_clip <= 0 else optimizer.make_optimizer(ml_collections.ConfigDict(dict(
+            num_steps=1, learning_rate=lr, min_learning_rate=lr, warmup_steps=0,
+            decay_steps=None, b1=0.9, b2=0.999, eps=1e-8, weight_decay=wd,
+            grad_clip=args.grad_clip))))
+  return state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                              opt_state=tx.init(params), tx=tx)
 
 
 def compile_train_step(model, state, frozen, batch, rng, **step_kw):
-  """jit(train.steps.make_train_step) with the state donated, lowered and compiled ahead of
-  time: (state, compiled, {trace_s, compile_s[, state_dtype_note]}). The state is cast to
-  the dtypes the step returns (should it return e.g. float32 Adam moments for bf16 params),
-  so one executable, with donation, serves every step."""
+  """jit(train.steps.make_train_step), state donated, compiled ahead of time: (state,
+  compiled, {trace_s, compile_s[, state_dtype_note]}). The state is first cast to the dtypes
+  the step returns (e.g. float32 Adam moments for bf16 params): one executable serves all."""
   import jax
   from decoder_jax.train import steps as steps_lib
   step = jax.jit(steps_lib.make_train_step(model, 1, dropout=False, **step_kw),
                  donate_argnums=(0,))
   t0 = time.perf_counter()
   out_state, _ = jax.eval_shape(step, state, frozen, batch, rng)
-  pairs = [(a.dtype, b.dtype) for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(out_state))]
-  changed = [f"{a}->{b}" for a, b in pairs if a != b]
+  changed = [f"{a.dtype}->{b.dtype}" for a, b in
+             zip(jax.tree.leaves(state), jax.tree.leaves(out_state)) if a.dtype != b.dtype]
   info = {}
   if changed:
     state = jax.tree.map(lambda x, o: x.astype(o.dtype), state, out_state)
@@ -366,98 +334,64 @@ def compile_train_step(model, state, frozen, batch, rng, **step_kw):
   lowered = step.lower(state, frozen, batch, rng)
   t1 = time.perf_counter()
   compiled = lowered.compile()
-  info.update(trace_s=t1 - t0, compile_s=time.perf_counter() - t1)
-  return state, compiled, info
-
-
-def with_attention_fallback(prepare, impl: str, rec: dict):
-  """(prepare(impl), impl), or prepare("xla") after a failure that is not out of memory (a
-  cuDNN compile error); rec["attention_fallback"] says why."""
-  try:
-    return prepare(impl), impl
-  except Exception as e:  # pylint: disable=broad-except
-    if impl == "xla" or is_oom(e):
-      raise
-    rec["attention_fallback"] = error_text(e)
-    print(f"  WARNING: attention {impl!r} failed ({rec['attention_fallback']}); using 'xla'",
-          flush=True)
-  gc.collect()  # outside the except block, whose traceback held the device buffers
-  return prepare("xla"), "xla"
-
-
-def jax_steps(compiled, state, frozen, batches, rng, warmup, steps):
-  """(state, seconds per step, losses, contention) of warmup + steps compiled steps."""
-  import jax
-
-  def step(i):
-    nonlocal state
-    state, metrics = compiled(state, frozen, batches[i % len(batches)], rng)
-    jax.block_until_ready((state, metrics))
-    return metrics["loss"]
-
-  times, losses, others = timed_steps(step, warmup, steps)
-  return state, times, [float(x) for x in losses], others
-
-
-def jax_memory(device) -> dict:
-  try:
-    return device.memory_stats() or {}
-  except Exception:  # pylint: disable=broad-except  # not every backend has statistics
-    return {}
-
-
-def xla_estimate(compiled):
-  """Bytes XLA plans for one call: arguments + outputs + temporaries - donated aliases."""
-  try:
-    m = compiled.memory_analysis()
-    return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-            - m.alias_size_in_bytes)
-  except Exception:  # pylint: disable=broad-except  # not every backend plans
-    return None
+  return state, compiled, dict(info, trace_s=t1 - t0, compile_s=time.perf_counter() - t1)
 
 
 def jax_side(rec, prepare, impl, batches, seed, warmup, steps, after=None):
-  """Times decoder_jax training steps into `rec`. prepare(impl, first batch, rng) ->
-  (state, frozen, compiled, info for rec) on the device (with_attention_fallback around it);
-  after(compiled, state, batches, rng) -> more of rec, run after the timed steps. Memory:
-  the GPU's peak_bytes_in_use (process lifetime: '<=' when an earlier side set it), or the
-  process's peak RSS growth."""
+  """Times decoder_jax training steps into `rec`: prepare(impl, batch, rng) -> (state, frozen,
+  compiled, info), retried with "xla" after a failure that is not out of memory (a cuDNN
+  compile error); after(compiled, state, batches, rng) -> more of rec, after the timing."""
   import jax
   device = jax.devices()[0]
-  mem0, dev, rng = jax_memory(device), [jax.device_put(b) for b in batches], jax.random.key(seed)
-  with HostPeak() as host:
-    (state, frozen, compiled, info), rec["attention_impl"] = with_attention_fallback(
-        lambda i: prepare(i, dev[0], rng), impl, rec)
-    rec.update(info, xla_estimate_bytes=xla_estimate(compiled))
-    rec["trainable"] = sum(x.size for x in jax.tree.leaves(state.params))
+  stats = lambda: (device.memory_stats() or {}) if device.platform == "gpu" else {}  # noqa: E731
+  mem0, dev, rng = stats(), [jax.device_put(b) for b in batches], jax.random.key(seed)
+  with host_peak() as host:
+    try:
+      state, frozen, compiled, info = prepare(impl, dev[0], rng)
+    except Exception as e:  # pylint: disable=broad-except
+      if impl == "xla" or is_oom(e):
+        raise
+      rec["attention_fallback"], impl = error_text(e), None
+      print(f"  WARNING: attention failed ({rec['attention_fallback']}); using 'xla'", flush=True)
+    if impl is None:  # outside the except block, whose traceback held the device buffers
+      gc.collect()
+      impl = "xla"
+      state, frozen, compiled, info = prepare(impl, dev[0], rng)
+    try:  # bytes XLA plans for one call: arguments + outputs + temporaries - donated aliases
+      m = compiled.memory_analysis()
+      plan = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+              - m.alias_size_in_bytes)
+    except Exception:  # pylint: disable=broad-except  # not every backend plans
+      plan = None
+    rec.update(info, attention_impl=impl, xla_estimate_bytes=plan,
+               trainable=sum(x.size for x in jax.tree.leaves(state.params)))
     rec["total_params"] = rec["trainable"] + sum(x.size for x in jax.tree.leaves(frozen))
     print(f"  decoder_jax: {rec['trainable']:,} trainable of {rec['total_params']:,} params, "
-          f"attention {rec['attention_impl']}, remat {rec.get('remat')}, trace "
-          f"{rec['trace_s']:.1f} s + compile {rec['compile_s']:.1f} s, XLA plans "
-          f"{fmt_bytes(rec.get('xla_estimate_bytes'))}", flush=True)
-    state, times, losses, rec["others_busy"] = jax_steps(compiled, state, frozen, dev, rng,
-                                                         warmup, steps)
-    mem1 = jax_memory(device)
+          f"attention {impl}, remat {rec.get('remat')}, trace {rec['trace_s']:.1f} s + compile "
+          f"{rec['compile_s']:.1f} s, XLA plans {fmt_bytes(plan)}", flush=True)
+
+    def step(i):
+      nonlocal state
+      state, metrics = compiled(state, frozen, dev[i % len(dev)], rng)
+      jax.block_until_ready((state, metrics))
+      return metrics["loss"]
+    times, losses, rec["others_busy"] = timed_steps(step, warmup, steps)
+    mem1 = stats()
     rec.update(after(compiled, state, dev, rng) if after else {})
     state = frozen = compiled = dev = None  # the device buffers go before the next side
     gc.collect()
   rec.update(step_stats(times, losses, warmup, batches[0]["inputs"].size))
-  if device.platform == "gpu":
-    peak0, peak1 = mem0.get("peak_bytes_in_use"), mem1.get("peak_bytes_in_use")
-    rec.update(peak_bytes=peak1, bytes_limit=mem1.get("bytes_limit"),
-               memory_how="jax peak_bytes_in_use (process lifetime)",
-               peak_is_upper_bound=bool(peak0) and peak1 == peak0)
-  else:
-    rec.update(peak_bytes=host.growth, memory_how=host.how)
-  return rec
-
-
-# ----------------------------------------------------------------------------- Hugging Face side
+  if device.platform != "gpu":
+    return dict(rec, peak_bytes=host["growth"], memory_how=host["how"])
+  peak0, peak1 = mem0.get("peak_bytes_in_use"), mem1.get("peak_bytes_in_use")
+  return dict(rec, peak_bytes=peak1, bytes_limit=mem1.get("bytes_limit"),
+              memory_how="jax peak_bytes_in_use (process lifetime)",
+              peak_is_upper_bound=bool(peak0) and peak1 == peak0)
 
 
 def hf_model(config, device="cpu", **overrides):
-  """A transformers model of `config`'s architecture (interop.hf.config_to_hf: GPT-2,
-  Llama, Qwen2), SDPA attention, float32, HF's own random init."""
+  """A transformers model of `config`'s architecture (interop.hf.config_to_hf: GPT-2, Llama,
+  Qwen2), SDPA attention, float32, HF's own random init."""
   import torch
   import transformers
   from decoder_jax.interop import hf as hf_interop
@@ -468,18 +402,18 @@ def hf_model(config, device="cpu", **overrides):
     return getattr(transformers, hf_config.architectures[0])(hf_config)
 
 
-def hf_state_dict(config, flat) -> dict:
+def hf_state_dict(config, params) -> dict:
   """{HF tensor name: float32 numpy} of decoder_jax params ({flat path: array}, scanned or
   not) through interop.hf's tensor map; fused tensors (GPT-2's c_attn) assembled."""
   from decoder_jax.interop import hf as hf_interop
-  flat = {p: np.asarray(v) for p, v in flat.items()}
+  params = {p: np.asarray(v) for p, v in params.items()}
   links = hf_interop.tensor_links(config)
-  where = hf_interop.unscanned_leaves(config, flat)
+  where = hf_interop.unscanned_leaves(config, params)
   hf_interop.check_links_cover(config, links, where)
   parts = {}
   for link in links:
     path, layer = where[link.ours]
-    leaf = flat[path] if layer is None else flat[path][layer]
+    leaf = params[path] if layer is None else params[path][layer]
     parts.setdefault(link.hf, []).append((link.part or (0, 0), link.to_hf(leaf)))
   return {name: np.ascontiguousarray(np.concatenate([t for _, t in sorted(p, key=lambda x: x[0])],
                                                     axis=-1), np.float32)
@@ -502,38 +436,38 @@ def load_into_hf(model, state: dict) -> None:
       own[k].copy_(torch.from_numpy(v))
 
 
-def enable_checkpointing(model) -> None:
-  kwargs = {"use_reentrant": False}  # works with a frozen base (PEFT) without input grads
-  if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-  else:
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-
 class HfTrainer:
-  """A transformers model's training step: the loss from the model over every position
-  (labels = shift_labels = targets), torch AdamW over the trainable tensors (weight decay on
-  rank >= 2 only, as decoder_jax; fused on CUDA), global-norm clip, optional torch.compile
-  and bfloat16 autocast."""
+  """`config`'s HF model (weights from `state`, else HF's seeded init; wrap(model): PEFT) and
+  its training step: the model's loss over every position, torch AdamW (decay on rank >= 2,
+  as decoder_jax; fused on CUDA), global-norm clip, optional torch.compile and autocast."""
 
-  def __init__(self, model, *, lr, weight_decay, grad_clip, compile=False, compile_mode=None,
-               autocast=False):
+  def __init__(self, config, args, device, dtype, state=None, *, checkpointing, compile,
+               autocast=False, wrap=None):
     import torch
-    self.torch, self.model, self.grad_clip, self.autocast = torch, model, grad_clip, autocast
+    torch.manual_seed(args.seed)
+    model = hf_model(config, device, use_cache=False).to(dtype=getattr(torch, dtype))
+    if state is not None:
+      load_into_hf(model, state)
+    if checkpointing:
+      kwargs = {"use_reentrant": False}  # works with a frozen base (PEFT) without input grads
+      if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+      else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    self.model = model = wrap(model) if wrap else model
+    model.train()
+    self.torch, self.grad_clip, self.autocast = torch, args.grad_clip, autocast
     self.device = next(model.parameters()).device
     self.cuda = self.device.type == "cuda"
     self.params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in self.params if p.dim() >= 2], "weight_decay": weight_decay},
+    groups = [{"params": [p for p in self.params if p.dim() >= 2],
+               "weight_decay": args.weight_decay},
               {"params": [p for p in self.params if p.dim() < 2], "weight_decay": 0.0}]
-    self.opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8,
+    self.opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
                                  fused=True if self.cuda else None)
     self.optimizer = "AdamW fused" if self.cuda else "AdamW (foreach default)"
     self.compiled, self.dynamic = compile, False
-    self.forward = torch.compile(model, mode=compile_mode) if compile else model
-
-  def sync(self):
-    if self.cuda:
-      self.torch.cuda.synchronize()
+    self.forward = torch.compile(model, mode=args.torch_compile_mode) if compile else model
 
   def step(self, inputs, targets):
     torch = self.torch
@@ -548,9 +482,9 @@ class HfTrainer:
     return out.loss.detach()
 
   def run(self, batches, warmup, steps, rec):
-    """(seconds per step, losses, contention) over numpy batches; a torch.compile failure
-    in the first step falls back to eager (rec["torch_compile_error"]). self.dynamic marks
-    the batch axis dynamic: one compile serves every batch size (the batch search)."""
+    """timed_steps over numpy batches; a torch.compile failure in the first step falls back
+    to eager (rec["torch_compile_error"]). self.dynamic marks the batch axis dynamic: one
+    compile serves every batch size (the batch search)."""
     dev = [{k: self.torch.from_numpy(v.astype(np.int64)).to(self.device) for k, v in b.items()}
            for b in batches]
     for t in (t for b in dev for t in b.values()) if self.compiled and self.dynamic else ():
@@ -569,59 +503,42 @@ class HfTrainer:
         self.opt.zero_grad(set_to_none=True)
         self.forward, self.compiled = self.model, False
         loss = self.step(b["inputs"], b["targets"])
-      self.sync()
+      if self.cuda:
+        self.torch.cuda.synchronize()
       return loss
-
-    times, losses, others = timed_steps(step, warmup, steps)
+    out = timed_steps(step, warmup, steps)
     rec["torch_compile"] = self.compiled
-    return times, [float(x) for x in losses], others
+    return out
 
 
-def torch_peak(host) -> dict:
-  """A torch side's peak memory: torch.cuda.max_memory_allocated, or host's RSS growth."""
+def hf_side(rec, build, batches, warmup, steps):
+  """Times an HfTrainer's steps into `rec`; build() -> HfTrainer runs inside the memory
+  measurement (model, weights and optimizer count)."""
   import torch
-  if torch.cuda.is_available():
-    return {"peak_bytes": torch.cuda.max_memory_allocated(),
-            "peak_reserved_bytes": torch.cuda.max_memory_reserved(),
-            "memory_how": "torch.cuda.max_memory_allocated (reset per side)"}
-  return {"peak_bytes": host.growth, "memory_how": host.how}
-
-
-def torch_reset_peak() -> None:
-  """Starts a side's torch.cuda peak statistics (a no-op without CUDA)."""
-  import torch
-  if torch.cuda.is_available():
+  cuda = torch.cuda.is_available()
+  if cuda:
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-
-
-def hf_side(rec, build, batches, warmup, steps):
-  """Times an HfTrainer's steps into `rec`; build() -> HfTrainer (called inside the memory
-  measurement: model, weights and optimizer count)."""
-  torch_reset_peak()
-  with HostPeak() as host:
+  with host_peak() as host:
     hf = build()
     rec.update(attn_implementation=hf.model.config._attn_implementation,  # pylint: disable=protected-access
                optimizer=hf.optimizer, trainable=sum(p.numel() for p in hf.params),
                total_params=sum(p.numel() for p in hf.model.parameters()))
+    on = lambda x: "on" if x else "off"  # noqa: E731
     print(f"  HF {type(hf.model).__name__}: {rec['trainable']:,} trainable of "
           f"{rec['total_params']:,} params, attention {rec['attn_implementation']}, "
           f"{'autocast bf16' if hf.autocast else 'no autocast'}, torch.compile "
-          f"{'on' if hf.compiled else 'off'}, gradient checkpointing "
-          f"{'on' if getattr(hf.model, 'is_activation_checkpointing', False) else 'off'}, "
-          f"{hf.optimizer}", flush=True)
+          f"{on(hf.compiled)}, gradient checkpointing "
+          f"{on(getattr(hf.model, 'is_activation_checkpointing', False))}, {hf.optimizer}",
+          flush=True)
     times, losses, rec["others_busy"] = hf.run(batches, warmup, steps, rec)
     del hf
     gc.collect()
-  rec.update(step_stats(times, losses, warmup, batches[0]["inputs"].size), **torch_peak(host))
-  return rec
-
-
-def print_side(rec):
-  print(f"  first step {rec['first_step_s']:.2f} s; timed steps "
-        f"{', '.join(f'{t * 1e3:.1f}' for t in rec['step_s'])} ms; median "
-        f"{rec['ms_per_step']:.1f} ms = {rec['tok_per_s']:,.0f} tok/s; peak memory "
-        f"{fmt_bytes(rec['peak_bytes'])} ({rec['memory_how']}); losses "
-        f"{', '.join(f'{x:.4f}' for x in rec['losses'])}", flush=True)
+  rec.update(step_stats(times, losses, warmup, batches[0]["inputs"].size))
+  if not cuda:
+    return dict(rec, peak_bytes=host["growth"], memory_how=host["how"])
+  return dict(rec, peak_bytes=torch.cuda.max_memory_allocated(),
+              peak_reserved_bytes=torch.cuda.max_memory_reserved(),
+              memory_how="torch.cuda.max_memory_allocated (reset per side)")

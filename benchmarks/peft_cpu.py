@@ -1,15 +1,10 @@
 """The fine-tuning methods side by side on the 2-core CPU recipes: one markdown table.
 
-For each task and method this runs `python -m decoder_jax.train
---config=configs/smollm2_<task>.py:<method>,cpu` (skipped when the workdir already holds
-a finished run, so an interrupted sweep continues) and then `python -m
-decoder_jax.evaluate` on the run's best checkpoint: SST-2 accuracy on a TSV file (dev by
-default), Multi30k greedy BLEU on test_2016_flickr (its first --bleu_examples sentences),
-chat perplexity on the test split. `zero-shot` evaluates the pretrained model alone.
-Training is timed as a whole process (wall clock) with its peak resident memory
-(getrusage of the child); trainable parameters come from the run's log.
+Per task and method: `python -m decoder_jax.train --config=configs/smollm2_<task>.py:<method>,cpu`
+(skipped when <root>/<task>_<method>.train.json exists), then `python -m decoder_jax.evaluate`
+on the run's best checkpoint. See benchmarks/README.md.
 
-  python benchmarks/peft_cpu.py --data_dir ../shared/data --root /tmp/peft \
+  python benchmarks/peft_cpu.py --data_dir ../shared/data --root /tmp/peft \\
       --tasks sst2 --methods zero-shot,full,lora,adalora,adapter,prompt,prefix
 """
 
@@ -27,61 +22,45 @@ METHODS = ("zero-shot", "full", "lora", "adalora", "adapter", "prompt", "prefix"
 TASKS = ("sst2", "multi30k", "chat")
 
 
-def eval_args(task: str, data_dir: str, bleu_examples: int, tsv_file: str | None):
-  if task == "sst2":
-    return [f"--tsv_file={tsv_file or os.path.join(data_dir, 'sst2', 'dev.tsv')}"]
-  if task == "multi30k":
-    return ["--split=test_2016_flickr", f"--max_examples={bleu_examples}"]
-  return ["--split=test"]
-
-
-def trainable_from_log(log_path: str):
-  """(trainable, total) parameters from the loop's "model: ..." line, or None."""
-  if not os.path.exists(log_path):
-    return None
-  with open(log_path, errors="replace") as f:
-    found = re.findall(r"([\d.]+)M parameters, ([\d.]+)M trainable", f.read())
-  return (float(found[-1][1]) * 1e6, float(found[-1][0]) * 1e6) if found else None
-
-
-def last_step(workdir: str) -> int | None:
-  path = os.path.join(workdir, "metrics.jsonl")
+def read(path, default=None):
   if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    steps = [json.loads(line)["step"] for line in f if line.strip()]
-  return max(steps) if steps else None
+    return default
+  with open(path, errors="replace") as f:
+    return f.read()
 
 
 def run_one(task, method, args, env) -> dict:
   config = f"configs/smollm2_{task}.py:{'lora' if method == 'zero-shot' else method},cpu"
   name = f"{task}_{method}"
   workdir, row = os.path.join(args.root, name), {"task": task, "method": method}
-  python = sys.executable
   if method != "zero-shot":
     train_log = os.path.join(args.root, f"{name}.train.log")
     timing_file = os.path.join(args.root, f"{name}.train.json")
-    if not os.path.exists(timing_file):  # wall_s, peak_rss_mib (the child's), returncode
-      timing = common.run([python, "-m", "decoder_jax.train", f"--config={config}",
+    timing = json.loads(read(timing_file, "null"))  # wall_s, peak_rss_mib (the child's), ...
+    if timing is None:
+      timing = common.run([sys.executable, "-m", "decoder_jax.train", f"--config={config}",
                            f"--workdir={workdir}"], train_log, env=env)
       if timing["returncode"] == 0:
         with open(timing_file, "w") as f:
           json.dump(timing, f)
-    else:
-      with open(timing_file) as f:
-        timing = json.load(f)
-    row.update(timing, steps=last_step(workdir), params=trainable_from_log(train_log))
+    steps = [json.loads(line)["step"] for line in
+             read(os.path.join(workdir, "metrics.jsonl"), "").splitlines() if line.strip()]
+    # (trainable, total) parameters from the loop's "model: ..." line
+    found = re.findall(r"([\d.]+)M parameters, ([\d.]+)M trainable", read(train_log, ""))
+    row.update(timing, steps=max(steps) if steps else None,
+               params=(float(found[-1][1]) * 1e6, float(found[-1][0]) * 1e6) if found else None)
     if timing["returncode"] != 0:
       return row
-  evaluate = [python, "-m", "decoder_jax.evaluate", f"--config={config}"]
+  evaluate = [sys.executable, "-m", "decoder_jax.evaluate", f"--config={config}"]
   evaluate += ["--zero_shot"] if method == "zero-shot" else [f"--workdir={workdir}"]
+  evaluate += ([f"--tsv_file={args.tsv_file or os.path.join(args.data_dir, 'sst2', 'dev.tsv')}"]
+               if task == "sst2" else ["--split=test_2016_flickr",
+                                       f"--max_examples={args.bleu_examples}"]
+               if task == "multi30k" else ["--split=test"])
   eval_log = os.path.join(args.root, f"{name}.eval.log")
-  eval_timing = common.run(evaluate + eval_args(task, args.data_dir, args.bleu_examples,
-                                                args.tsv_file), eval_log, env=env)
-  with open(eval_log, errors="replace") as f:
-    lines = [line for line in f if line.startswith("{")]
+  row["eval_wall_s"] = common.run(evaluate, eval_log, env=env)["wall_s"]
+  lines = [line for line in read(eval_log, "").splitlines() if line.startswith("{")]
   row["eval"] = json.loads(lines[-1]) if lines else None
-  row["eval_wall_s"] = eval_timing["wall_s"]
   return row
 
 
@@ -91,9 +70,7 @@ def metric(row) -> str:
     return "failed"
   if "accuracy" in result:
     return f"{100 * result['accuracy']:.2f}%"
-  if "bleu" in result:
-    return f"{result['bleu']:.2f}"
-  return f"{result['perplexity']:.2f}"
+  return f"{result['bleu']:.2f}" if "bleu" in result else f"{result['perplexity']:.2f}"
 
 
 def table(rows) -> str:
@@ -136,7 +113,6 @@ def main():
   with open(os.path.join(args.root, "rows.json"), "w") as f:
     json.dump(rows, f, indent=1)
   print(table(rows))
-
 
 if __name__ == "__main__":
   main()

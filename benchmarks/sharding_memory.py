@@ -1,21 +1,6 @@
 """Per-device memory of the training state (parameters + AdamW state) on data, fsdp and
-tensor meshes, from XLA's compiled memory analysis of the real train step.
-
-The host CPU is split into 8 JAX devices. Per model and mesh, the train step is built as
-the training loop builds it (setup.make_optimizer, setup.abstract_state,
-steps.make_train_step, jax.jit with the state shardings, state donated), compiled for
-abstract inputs (nothing is allocated) and its `memory_analysis()` read. MiB per device:
-
-  params, opt state  from the shardings: the shard shape of every leaf on device 0
-                     (`sharding.shard_shape(shape)`), summed
-  state (XLA)        the analysis' argument bytes minus the batch (the unread rng key is pruned)
-  / replicated       state per device over the whole state (the data-parallel figure)
-  whole              state leaves kept whole (replicated) on this mesh
-  temp, alias        the analysis' temporaries (activations, gradients) and the bytes its
-                     outputs reuse from the donated inputs
-
-Under the table: the dimensions a mesh axis does not divide, which sharding._fit leaves
-whole (e.g. 12 heads over tensor=8). Batch inputs/targets are int32 [batch, seq_len].
+tensor meshes, from XLA's compiled memory analysis of the real train step on 8 CPU devices
+(nothing is allocated). The columns: benchmarks/README.md.
 
   python benchmarks/sharding_memory.py --models gpt2,smollm2 \\
       --meshes "data=8;fsdp=8;tensor=8;data=2,fsdp=4;fsdp=4,tensor=2" --batch 8 --seq_len 256
@@ -63,14 +48,10 @@ def parse_mesh(text: str) -> dict[str, int]:
   return sizes
 
 
-def shard_bytes(tree) -> int:
-  """Bytes of device 0's shard of every leaf (ShapeDtypeStructs with NamedShardings)."""
-  return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+def nbytes(tree, shard=True) -> int:
+  """Bytes of every leaf (ShapeDtypeStructs with NamedShardings), or of device 0's shards."""
+  return sum(math.prod(x.sharding.shard_shape(x.shape) if shard else x.shape) * x.dtype.itemsize
              for x in jax.tree.leaves(tree))
-
-
-def global_bytes(tree) -> int:
-  return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
 def dropped_axes(boxed_params, mesh) -> dict[str, list[str]]:
@@ -96,9 +77,8 @@ def dropped_axes(boxed_params, mesh) -> dict[str, list[str]]:
 def measure(model_name: str, mesh_sizes: dict[str, int], batch: int, seq_len: int) -> dict:
   """One model on one mesh: the sharding-derived and XLA-reported bytes per device."""
   train_cfg = config_sections.train_section(batch_size=batch, num_steps=1000)
-  config = config_sections.base_config(model=config_sections.model_section(
-      **MODELS[model_name]), train=train_cfg)
-  model_config = ModelConfig.from_dict(config.model.to_dict())
+  model_config = ModelConfig.from_dict(config_sections.base_config(
+      model=config_sections.model_section(**MODELS[model_name]), train=train_cfg).model.to_dict())
   mesh = sharding.make_mesh(mesh_sizes)
   loop.check_batch_layout(train_cfg, mesh)
   model = Decoder(model_config)
@@ -106,43 +86,31 @@ def measure(model_name: str, mesh_sizes: dict[str, int], batch: int, seq_len: in
   boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
   run = setup.Run(model_config, model, None, None, seq_len,
                   peft.trainable_predicate(model_config), boxed["params"])
-  tx = setup.make_optimizer(train_cfg, model_config)
   abstract, state_sh, abstract_frozen, frozen_sh = setup.abstract_state(
-      run, tx, mesh, train_cfg.get("frozen_dtype"))
+      run, setup.make_optimizer(train_cfg, model_config), mesh, train_cfg.get("frozen_dtype"))
   batch_sh = sharding.batch_sharding(mesh)
   tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32, sharding=batch_sh)
   abstract_batch = {"inputs": tokens, "targets": tokens}  # int32 [batch, seq_len] each
-  rng = jax.eval_shape(lambda: jax.random.key(0))
-  step_fn = steps.make_train_step(model, 1, dropout=False)
-  train_step = jax.jit(step_fn, in_shardings=(state_sh, frozen_sh, batch_sh, None),
+  train_step = jax.jit(steps.make_train_step(model, 1, dropout=False),
+                       in_shardings=(state_sh, frozen_sh, batch_sh, None),
                        out_shardings=(state_sh, None), donate_argnums=0)
   start = time.perf_counter()
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-    compiled = train_step.lower(abstract, abstract_frozen, abstract_batch, rng).compile()
-  seconds = time.perf_counter() - start
-  analysis = compiled.memory_analysis()
-  state_leaves = jax.tree.leaves(abstract)
+    compiled = train_step.lower(abstract, abstract_frozen, abstract_batch,
+                                jax.eval_shape(lambda: jax.random.key(0))).compile()
+  seconds, analysis = time.perf_counter() - start, compiled.memory_analysis()
   return dict(
       model=model_name, mesh=",".join(f"{a}={s}" for a, s in mesh_sizes.items() if s > 1)
-      or "single", params=shard_bytes(abstract.params), opt=shard_bytes(abstract.opt_state),
-      state=shard_bytes(abstract), state_global=global_bytes(abstract),
-      whole=sum(global_bytes(x) for x in state_leaves if x.sharding.is_fully_replicated),
+      or "single", params=nbytes(abstract.params), opt=nbytes(abstract.opt_state),
+      state=nbytes(abstract), state_global=nbytes(abstract, shard=False),
+      whole=sum(nbytes(x, shard=False) for x in jax.tree.leaves(abstract)
+                if x.sharding.is_fully_replicated),
       # No rng key bytes: without dropout the step never reads the key, which XLA prunes.
-      xla_state=analysis.argument_size_in_bytes - shard_bytes(abstract_batch),
+      xla_state=analysis.argument_size_in_bytes - nbytes(abstract_batch),
       temp=analysis.temp_size_in_bytes, alias=analysis.alias_size_in_bytes,
       output=analysis.output_size_in_bytes, compile_s=seconds,
       num_params=sum(x.size for x in jax.tree.leaves(abstract.params)),
       dropped=dropped_axes(boxed["params"], mesh))
-
-
-def table(rows) -> str:
-  mib = lambda r, *keys: [f"{r[k] / MIB:.2f}" for k in keys]  # noqa: E731
-  return "\n".join(common.md_table(
-      ["model", "mesh", "params", "opt state", "state (shardings)", "state (XLA)",
-       "/ replicated", "whole", "temp", "alias", "compile s"],
-      [[r["model"], r["mesh"], *mib(r, "params", "opt", "state", "xla_state"),
-        f"{r['state'] / r['state_global']:.3f}", *mib(r, "whole", "temp", "alias"),
-        f"{r['compile_s']:.1f}"] for r in rows], right=range(2, 11)))
 
 
 def main(argv=None) -> None:
@@ -167,7 +135,13 @@ def main(argv=None) -> None:
       print(f"  {name} {rows[-1]['mesh']}: compiled in {rows[-1]['compile_s']:.1f} s",
             file=sys.stderr, flush=True)
   print("MiB per device; state = params + opt state (+ scalar step counts)\n")
-  print(table(rows))
+  mib = lambda r, *keys: [f"{r[k] / MIB:.2f}" for k in keys]  # noqa: E731
+  print("\n".join(common.md_table(
+      ["model", "mesh", "params", "opt state", "state (shardings)", "state (XLA)",
+       "/ replicated", "whole", "temp", "alias", "compile s"],
+      [[r["model"], r["mesh"], *mib(r, "params", "opt", "state", "xla_state"),
+        f"{r['state'] / r['state_global']:.3f}", *mib(r, "whole", "temp", "alias"),
+        f"{r['compile_s']:.1f}"] for r in rows], right=range(2, 11))))
   worst = max(abs(r["xla_state"] - r["state"]) for r in rows)
   print(f"\nXLA's state bytes minus the sharding-derived ones: at most {worst} bytes per device")
   for name in dict.fromkeys(r["model"] for r in rows):
@@ -178,7 +152,6 @@ def main(argv=None) -> None:
     for what, paths in r["dropped"].items():
       print(f"- {r['model']} on {r['mesh']}: {what} does not divide, kept whole in "
             f"{len(paths)} params ({', '.join(p.removeprefix('blocks/') for p in paths)})")
-
 
 if __name__ == "__main__":
   main()

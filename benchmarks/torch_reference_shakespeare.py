@@ -1,13 +1,5 @@
-"""PyTorch eager reference for the shakespeare-char CPU recipe (nanoGPT's README recipe).
-
-Char vocab of tiny shakespeare (65), 90/10 split, random 64-token training windows; 4
-layers, 4 heads, width 128, no biases, learned positions, pre-LN, GELU MLP, tied head,
-dropout 0, N(0, 0.02) init (residual projections / sqrt(2 * layers)); AdamW 1e-3, betas
-0.9/0.99, weight decay 0.1 on tensors of rank >= 2, clip 1.0, batch 12; warmup
-lr * (it + 1) / 101 for it < 100, then cosine to 1e-4 at the last step. Evaluates the mean
-loss over a fixed set of --eval_windows validation windows every --eval_interval steps and
-after the last. Prints one JSON line last: final_val_loss, train_seconds (training steps
-only), eval_seconds, steps, evals, ...
+"""PyTorch eager reference for the shakespeare-char CPU recipe (nanoGPT's README recipe); the
+recipe and its JSON line: benchmarks/README.md.
 
   python benchmarks/torch_reference_shakespeare.py --data DIR/tiny_shakespeare/input.txt
 """
@@ -52,6 +44,8 @@ class Block(nn.Module):
 
 
 class CharGPT(nn.Module):
+  """Pre-LN GPT: learned positions, GELU MLP, no biases, tied head, dropout 0, N(0, 0.02)
+  init (residual projections / sqrt(2 * layers))."""
 
   def __init__(self, vocab: int):
     super().__init__()
@@ -101,16 +95,16 @@ def evaluate(model, val_x, val_y, chunk: int = 100) -> float:
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--data", default=os.path.join(common.data_dir(), "tiny_shakespeare",
-                                                "input.txt"))
-  p.add_argument("--steps", type=int, default=2000)
-  p.add_argument("--eval_windows", type=int, default=500)
-  p.add_argument("--eval_interval", type=int, default=250, help="0: only after the last step")
-  p.add_argument("--eval_seed", type=int, default=0, help="seed of the fixed validation windows")
-  p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads")
-  p.add_argument("--seed", type=int, default=1337)
-  p.add_argument("--autocast_bf16", action="store_true", help="forward passes under "
-                 "torch.autocast('cpu', bfloat16), as decoder_jax's matmul_dtype=bfloat16")
+  add = p.add_argument
+  add("--data", default=os.path.join(common.data_dir(), "tiny_shakespeare", "input.txt"))
+  add("--steps", type=int, default=2000)
+  add("--eval_windows", type=int, default=500)
+  add("--eval_interval", type=int, default=250, help="0: only after the last step")
+  add("--eval_seed", type=int, default=0, help="seed of the fixed validation windows")
+  add("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads")
+  add("--seed", type=int, default=1337)
+  add("--autocast_bf16", action="store_true", help="forward passes under "
+      "torch.autocast('cpu', bfloat16), as decoder_jax's matmul_dtype=bfloat16")
   args = p.parse_args(argv)
   precision = (torch.autocast("cpu", dtype=torch.bfloat16) if args.autocast_bf16
                else contextlib.nullcontext())
@@ -166,7 +160,6 @@ def main(argv=None):
       "torch": torch.__version__, "autocast_bf16": args.autocast_bf16, "history": history}),
         flush=True)
   return 0
-
 
 if __name__ == "__main__":
   sys.exit(main())

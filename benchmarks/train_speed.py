@@ -1,14 +1,8 @@
-"""Pretraining step throughput, side by side: decoder_jax vs. Hugging Face transformers.
+"""Pretraining step throughput, side by side: decoder_jax vs. Hugging Face transformers, on
+GPT-2 124M, SmolLM2-135M and Llama-3.2-1B architectures with the same weights, each side of
+each model in a child process of its own. See benchmarks/README.md.
 
-Full training steps (forward, backward, global-norm clip 1.0, AdamW lr 6e-4, weight decay
-0.1 on matrices and embeddings, constant lr) on random token batches, for GPT-2 124M
-(`gpt2`, batch 16 x 1024), the SmolLM2-135M architecture (`smollm2`, 32 x 512) and the
-Llama-3.2-1B architecture (`llama1b`, 8 x 2048), on the same weights (decoder_jax's float32
-init, copied into the HF model through decoder_jax.interop.hf). Every side of every model
-runs in a child process of its own; what each side runs and reports, MFU's FLOP count, the
-max batch search and the time limit: benchmarks/README.md.
-
-  python benchmarks/train_speed.py --models gpt2,smollm2 --table_out benchmarks/RESULTS.md
+  python benchmarks/train_speed.py --models gpt2,smollm2 --json_out /tmp/ts.json
   python benchmarks/train_speed.py --models none --max_batch_search --loss_chunk 8192
   python benchmarks/train_speed.py --models gpt2,smollm2 --num_layers 2 --batch 2 \\
       --seq_len 64 --steps 2 --warmup 1                                      # CPU smoke run
@@ -52,10 +46,7 @@ SIDE_LABELS = {"jax": "decoder_jax", "hf": "HF transformers"}
 SPEED_TARGETS = {"gpt2": 1.2, "smollm2": 1.3}  # decoder_jax / HF tokens per second
 MFU_TARGET = {"llama1b": 0.55}
 NANOGPT_TOK_S = 480e3  # nanoGPT GPT-2 124M on an H200 (the issue's figure)
-BF16_WARN = 0.05
 DISTS = ("flax", "optax", "torch", "transformers")
-
-# ----------------------------------------------------------------------------- configuration
 
 
 def shape_of(name, args):
@@ -70,9 +61,8 @@ def model_config(name, args, seq_len, dtype="float32", param_dtype="float32",
   from decoder_jax.model import ModelConfig, preset
   spec = MODELS[name]
   overrides = dict(dtype=dtype, param_dtype=param_dtype, scan_layers=True, dropout=0.0,
-                   attention_impl=attention_impl, remat=args.remat)
-  if args.num_layers:
-    overrides["num_layers"] = args.num_layers
+                   attention_impl=attention_impl, remat=args.remat,
+                   **({"num_layers": args.num_layers} if args.num_layers else {}))
   config = (preset(spec["preset"], **overrides) if "preset" in spec else
             ModelConfig.from_dict({**spec["fields"], **overrides}))
   if config.use_rope and seq_len > config.max_length:  # RoPE: any length, given room
@@ -82,12 +72,16 @@ def model_config(name, args, seq_len, dtype="float32", param_dtype="float32",
 
 def runtime(args):
   """Backend-dependent settings, the same in every child (HF children run JAX on the CPU:
-  the parent passes --_gpu)."""
+  the parent passes --_gpu); torch's CPU threads in torch's children."""
   if args._gpu is None:  # pylint: disable=protected-access
     import jax
     gpu = jax.default_backend() == "gpu"
   else:
     gpu = bool(args._gpu)  # pylint: disable=protected-access
+  child = args._child  # pylint: disable=protected-access
+  if not gpu and child.startswith(("model:hf", "search:hf", "peak:torch")):
+    import torch
+    torch.set_num_threads(args.threads or common.cores())
   precision = args.precision if args.precision != "auto" else ("mixed" if gpu else "float32")
   return {"jax_backend": "gpu" if gpu else "cpu", "gpu": gpu, "precision": precision,
           "compute_dtype": "float32" if precision == "float32" else "bfloat16",
@@ -101,9 +95,7 @@ def runtime(args):
 
 
 def model_facts(config, seq_len) -> dict:
-  """Parameter counts and FLOPs per token: 6 N + 6 L T d, N the parameters in matmuls (all
-  but GPT-2's position table and an untied input embedding), causal attention; nanoGPT's
-  non-causal count has 12 L T d."""
+  """Parameter counts and FLOPs per token: 6 N + 6 L T d (README), nanoGPT's 12 L T d."""
   import flax.linen as nn
   from decoder_jax.interop import hf as hf_interop
   shapes = common.flat(nn.unbox(hf_interop.abstract_params(config)))  # nothing allocated
@@ -121,17 +113,6 @@ def mfu(tok_s, fpt, peak):
   return tok_s * fpt / peak if tok_s and fpt and peak else None
 
 
-# ----------------------------------------------------------------------------- the two sides
-
-
-def jax_state(params, args):
-  import jax.numpy as jnp
-  from decoder_jax.train import state as state_lib
-  tx = common.make_tx(args.lr, args.weight_decay, args.grad_clip)
-  return state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                              opt_state=tx.init(params), tx=tx)
-
-
 def run_jax(name, args, rt, flat, batches, warmup, steps, after=None):
   """decoder_jax's side on host weights `flat` (cast to the param dtype on the device)."""
   import jax
@@ -143,15 +124,13 @@ def run_jax(name, args, rt, flat, batches, warmup, steps, after=None):
     params = jax.device_put(common.unflat({p: common.cast(v, rt["param_dtype"])
                                            for p, v in flat.items()}))
     state, compiled, info = common.compile_train_step(
-        Decoder(config), jax_state(params, args), {}, batch, rng,
+        Decoder(config), common.train_state(params, args), {}, batch, rng,
         loss_chunk_size=args.loss_chunk or None)
     return state, {}, compiled, dict(info, remat=config.remat)
-
   b, t = batches[0]["inputs"].shape
-  rec = {"model": name, "side": "jax", "batch": b, "seq_len": t,
-         "loss_chunk_size": args.loss_chunk or None}
-  return common.jax_side(rec, prepare, rt["jax_attention_resolved"], batches, args.seed,
-                         warmup, steps, after)
+  return common.jax_side({"model": name, "side": "jax", "batch": b, "seq_len": t,
+                          "loss_chunk_size": args.loss_chunk or None}, prepare,
+                         rt["jax_attention_resolved"], batches, args.seed, warmup, steps, after)
 
 
 def trace_steps(args, name, compiled, state, dev, rng):
@@ -178,22 +157,13 @@ def trace_steps(args, name, compiled, state, dev, rng):
 
 
 def build_hf(config, args, rt, state=None):
-  """An HfTrainer of the HF model on the device: weights from `state`, else HF's init."""
   import torch
   if rt["torch_device"] == "cuda":
     torch.backends.cuda.matmul.allow_tf32 = True  # as nanoGPT; only float32 matmuls
     torch.backends.cudnn.allow_tf32 = True
-  torch.manual_seed(args.seed)
-  model = common.hf_model(config, rt["torch_device"], use_cache=False)
-  model.to(dtype=torch.bfloat16 if rt["precision"] == "bfloat16" else torch.float32)
-  if state is not None:
-    common.load_into_hf(model, state)
-  if rt["hf_checkpointing"]:
-    common.enable_checkpointing(model)
-  model.train()
-  return common.HfTrainer(model, lr=args.lr, weight_decay=args.weight_decay,
-                          grad_clip=args.grad_clip, compile=rt["torch_compile"],
-                          compile_mode=args.torch_compile_mode,
+  return common.HfTrainer(config, args, rt["torch_device"],
+                          "bfloat16" if rt["precision"] == "bfloat16" else "float32", state,
+                          checkpointing=rt["hf_checkpointing"], compile=rt["torch_compile"],
                           autocast=rt["precision"] == "mixed")
 
 
@@ -201,34 +171,23 @@ def run_hf(name, build, batches, warmup, steps):
   b, t = batches[0]["inputs"].shape
   rec = common.hf_side({"model": name, "side": "hf", "batch": b, "seq_len": t}, build, batches,
                        warmup, steps)
-  rec["compile_s"] = rec["first_step_s"] if rec["torch_compile"] else None  # compile in it
-  return rec
-
-
-# ----------------------------------------------------------------------------- child processes
-
-
-def write(path, data):
-  with open(path + ".tmp", "w") as f:
-    json.dump(data, f, indent=1, default=str)
-  os.replace(path + ".tmp", path)
-
-
-def median_flops(matmul, sync, n, reps, inner):
-  """Median FLOP/s of `inner` back-to-back n^3 matmuls, over `reps` timings."""
-  sync(matmul())
-  times = []
-  for _ in range(reps):
-    t = time.perf_counter()
-    sync([matmul() for _ in range(inner)])
-    times.append((time.perf_counter() - t) / inner)
-  return 2 * n**3 / statistics.median(times)
+  return dict(rec, compile_s=rec["first_step_s"] if rec["torch_compile"] else None)
 
 
 def child_peak(args, framework):
-  """The environment and the measured matmul peak in the compute dtype (torch's: reference)."""
+  """The environment and the measured matmul peak in the compute dtype (torch's: reference):
+  the median FLOP/s of `inner` back-to-back n^3 matmuls over --peak_reps timings."""
   rt = runtime(args)
   n, inner = args.peak_n or (8192 if rt["gpu"] else 1024), 10 if rt["gpu"] else 2
+
+  def flops(matmul, sync):
+    sync(matmul())
+    times = []
+    for _ in range(args.peak_reps):
+      t = time.perf_counter()
+      sync([matmul() for _ in range(inner)])
+      times.append((time.perf_counter() - t) / inner)
+    return 2 * n**3 / statistics.median(times)
   if framework == "jax":
     import jax
     import jax.numpy as jnp
@@ -239,48 +198,41 @@ def child_peak(args, framework):
     env = {**common.env_facts(("jax", "jaxlib") + DISTS), **rt, "remat": args.remat,
            "jax_device": getattr(device, "device_kind", str(device)),
            "loss_chunk": args.loss_chunk, "xla_flags": os.environ.get("XLA_FLAGS", "(unset)")}
-    return write(args._out, {"env": env, "peak": {  # pylint: disable=protected-access
+    return common.dump(args._out, {"env": env, "peak": {  # pylint: disable=protected-access
         "n": n, "dtype": rt["compute_dtype"], "reps": args.peak_reps, "inner": inner,
-        "jax_flops": median_flops(lambda: mm(a, b), jax.block_until_ready, n, args.peak_reps,
-                                  inner)}})
+        "jax_flops": flops(lambda: mm(a, b), jax.block_until_ready)}}, say=False)
   import torch
   cuda = torch.cuda.is_available()
   data = {"env": {"torch": torch.__version__, "torch_cuda_available": cuda}}
   if cuda:
     data["env"].update(torch_gpu=torch.cuda.get_device_name(0), torch_cuda=torch.version.cuda)
   if cuda or not rt["gpu"]:
-    if not rt["gpu"]:
-      torch.set_num_threads(args.threads or common.cores())
     data["env"]["torch_threads"] = torch.get_num_threads()
     a, b = (torch.randn(n, n, device=rt["torch_device"], dtype=getattr(torch, rt["compute_dtype"]))
             for _ in range(2))
-    sync = (lambda _: torch.cuda.synchronize()) if rt["gpu"] else (lambda _: None)
-    data["torch_flops"] = median_flops(lambda: a @ b, sync, n, args.peak_reps, inner)
-  return write(args._out, data)  # pylint: disable=protected-access
+    data["torch_flops"] = flops(lambda: a @ b, (lambda _: torch.cuda.synchronize())
+                                if rt["gpu"] else (lambda _: None))
+  return common.dump(args._out, data, say=False)  # pylint: disable=protected-access
 
 
 def child_model(args, side, name):
   """One side of one model: the same weights (decoder_jax's init on JAX's CPU backend, same
   seed) and batches in either side's process."""
-  rt, shape = runtime(args), shape_of(name, args)
-  out = {"model": name, "batch": shape[0], "seq_len": shape[1], "results": [], "notes": []}
-  if args.remat == "dots_saveable":
-    out["notes"].append("--remat dots_saveable has no HF equivalent: HF runs without "
-                        "gradient checkpointing")
-  if side == "hf" and not rt["gpu"]:
-    import torch
-    torch.set_num_threads(args.threads or common.cores())
+  rt, (batch, seq_len) = runtime(args), shape_of(name, args)
+  out = {"model": name, "batch": batch, "seq_len": seq_len, "results": [], "notes": [
+      "--remat dots_saveable has no HF equivalent: HF runs without gradient checkpointing"]
+      if args.remat == "dots_saveable" else []}
   t0 = time.perf_counter()
-  config32 = model_config(name, args, shape[1])
+  config32 = model_config(name, args, seq_len)
   flat = common.init_params(config32, args.seed)
-  out.update(model_facts(config32, shape[1]))
-  batches = common.random_batches(config32.vocab_size, shape[0], shape[1],
+  out.update(model_facts(config32, seq_len))
+  batches = common.random_batches(config32.vocab_size, batch, seq_len,
                                   min(args.warmup + args.steps, 4), args.seed + 2)
   print(f"  {MODELS[name]['label']}: {out['params']:,} params ({out['matmul_params']:,} in "
-        f"matmuls), {config32.num_layers} layers, batch {shape[0]} x {shape[1]}, "
+        f"matmuls), {config32.num_layers} layers, batch {batch} x {seq_len}, "
         f"{out['flops_per_token'] / 1e9:.3f} GFLOP/token; init {time.perf_counter() - t0:.1f} s",
         flush=True)
-  write(args._out, out)  # pylint: disable=protected-access  # what is known if it dies
+  common.dump(args._out, out, say=False)  # pylint: disable=protected-access  # if it dies
   try:
     if side == "hf":
       state = common.hf_state_dict(config32, flat)
@@ -293,36 +245,29 @@ def child_model(args, side, name):
     common.print_side(rec)
   except Exception as e:  # pylint: disable=broad-except
     traceback.print_exc()
-    rec = {"model": name, "side": side, "batch": shape[0], "seq_len": shape[1],
+    rec = {"model": name, "side": side, "batch": batch, "seq_len": seq_len,
            "error": ("OOM: " if common.is_oom(e) else "") + common.error_text(e)}
   out["results"].append(rec)
-  write(args._out, out)  # pylint: disable=protected-access
+  common.dump(args._out, out, say=False)  # pylint: disable=protected-access
 
 
-class _Stop(Exception):
-  pass
-
-
-def find_max(try_fn, start, cap, step, deadline=None, log=print):
+def find_max(try_fn, start, cap, step, deadline=None):
   """Largest batch b <= cap with try_fn(b)["ok"]: doubling from `start` (halving when it
-  fails), then bisection until the first failing batch is within `step`. Returns {"max":
-  largest ok (0: none), "first_fail": smallest failure above it or None, "capped": reached
-  cap without a failure, "stopped": why it stopped early, "tries"}."""
+  fails), then bisection until the first failing batch is within `step`."""
   tries, order, last = {}, [], {"s": 0.0, "stopped": None}
 
   def ok(b):
     if b not in tries:
       if deadline is not None and time.time() + 1.3 * last["s"] > deadline:
         last["stopped"] = f"time limit, before trying batch {b}"
-        raise _Stop
+        raise TimeoutError
       t = time.perf_counter()
       rec = tries[b] = dict(try_fn(b), batch=b)
       rec["try_s"] = last["s"] = time.perf_counter() - t
       order.append(rec)
-      log(f"  batch {b}: {'ok' if rec['ok'] else 'failed'} ({rec['try_s']:.1f} s"
-          f"{'; ' + rec['error'][:160] if rec.get('error') else ''})")
+      print(f"  batch {b}: {'ok' if rec['ok'] else 'failed'} ({rec['try_s']:.1f} s"
+            f"{'; ' + rec['error'][:160] if rec.get('error') else ''})", flush=True)
     return tries[b]["ok"]
-
   lo, hi = 0, None
   try:
     b = max(1, min(start, cap))
@@ -345,16 +290,15 @@ def find_max(try_fn, start, cap, step, deadline=None, log=print):
       if not lo < mid < hi:
         break
       lo, hi = (mid, hi) if ok(mid) else (lo, mid)
-  except _Stop:
+  except TimeoutError:
     pass
   return {"max": lo, "first_fail": hi, "cap": cap, "capped": hi is None and lo >= cap,
           "stopped": last["stopped"], "tries": order}
 
 
 def child_search(args, side, name):
-  """find_max over batches, each try one side's run of --search_steps steps: decoder_jax
-  compiles a step per batch (XLA's plan is its memory); HF keeps one model and optimizer
-  (HF's own init), compiled once with the batch axis dynamic."""
+  """find_max over batches, each try --search_steps steps: decoder_jax compiles a step per
+  batch; HF keeps one model and optimizer (its own init), compiled with a dynamic batch."""
   rt, seq_len = runtime(args), shape_of(name, args)[1]
   cap = args.search_cap or (4096 if rt["gpu"] else 4)
   step = args.search_step or (8 if rt["gpu"] else 1)
@@ -367,9 +311,6 @@ def child_search(args, side, name):
     flat = common.init_params(config32, args.seed)
     run = lambda batches: run_jax(name, args, rt, flat, batches, 0, args.search_steps)  # noqa: E731
   else:
-    import torch
-    if not rt["gpu"]:
-      torch.set_num_threads(args.threads or common.cores())
     hf = build_hf(config32, args, rt)
     hf.dynamic = out["setup"]["compiled"] = hf.compiled
     run = lambda batches: run_hf(name, lambda: hf, batches, 0, args.search_steps)  # noqa: E731
@@ -391,13 +332,8 @@ def child_search(args, side, name):
     if rec.get("attention_fallback"):  # the fallback holds for the later tries
       out["setup"]["fallback"], rt["jax_attention_resolved"] = rec["attention_fallback"], "xla"
     return rec
-
-  out.update(find_max(try_fn, args.search_start, cap, step, deadline=args._deadline,  # pylint: disable=protected-access
-                      log=lambda s: print(s, flush=True)))
-  write(args._out, out)  # pylint: disable=protected-access
-
-
-# ----------------------------------------------------------------------------- parent
+  out.update(find_max(try_fn, args.search_start, cap, step, deadline=args._deadline))  # pylint: disable=protected-access
+  common.dump(args._out, out, say=False)  # pylint: disable=protected-access
 
 
 class Runner:
@@ -417,26 +353,35 @@ class Runner:
       left = self.deadline - time.time() - reserve
       if left < 20:
         return "skipped (time limit)", None
-      # Its share of the time left, but at least a minute (or what is left): a share too
-      # small to start in would only waste it.
-      timeout = max(left * share, min(60.0, left))
+      timeout = max(left * share, min(60.0, left))  # at least a minute, or what is left
       cmd += ["--_deadline", f"{time.time() + timeout - 3:.1f}"]
-    if self.gpu is not None:
-      cmd += ["--_gpu", str(int(self.gpu))]
-    env = dict(os.environ)
+    cmd += [] if self.gpu is None else ["--_gpu", str(int(self.gpu))]
+    env = dict(os.environ, **(extra_env or {}))
     env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{self.args.jax_mem_fraction:g}")
     if ":hf:" in f":{kind}:" or kind == "peak:torch":
-      # JAX only initialises weights in torch's process, on the CPU, so no second CUDA
-      # client (nor a second cuDNN) shares the process or the device with torch.
-      env["JAX_PLATFORMS"] = "cpu"
+      env["JAX_PLATFORMS"] = "cpu"  # JAX only initialises weights there: no 2nd CUDA client
     elif not self.args.no_launch_flags:
       xla_flags.apply_launch_flags(env)  # what `python -m decoder_jax.train` sets
-    env.update(extra_env or {})
     status = common.run(cmd, env=env, timeout=timeout, cwd=os.getcwd())["status"]
     if not os.path.exists(out):
       return status, None
     with open(out) as f:
       return status, json.load(f)
+
+  def each(self, kind, names, title):
+    """(name, side, status, data) of child kind:side:name for each model and side asked."""
+    todo = [(n, s) for n in names for s in SIDES if s in self.args.sides]
+    for i, (name, side) in enumerate(todo):
+      print(f"\n## {title(name, side)}", flush=True)
+      extra = {"PYTORCH_CUDA_ALLOC_CONF": os.environ.get(
+          "PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")} \
+          if kind == "search" and side == "hf" else None
+      status, data = self.run(f"{kind}:{side}:{name}", share=1.0 / (len(todo) - i),
+                              extra_env=extra)
+      if status != "ok":
+        print(f"  {'search ' if kind == 'search' else ''}{name} {side}: child {status}",
+              flush=True)
+      yield name, side, status, data
 
 
 def _interrupt(signum, frame):
@@ -448,9 +393,8 @@ def main(argv=None):
   args = parse_args(argv)
   if args._child:  # pylint: disable=protected-access
     kind, _, rest = args._child.partition(":")  # pylint: disable=protected-access
-    if kind == "peak":
-      return child_peak(args, rest)
-    return (child_model if kind == "model" else child_search)(args, *rest.split(":"))
+    return child_peak(args, rest) if kind == "peak" else (
+        child_model if kind == "model" else child_search)(args, *rest.split(":"))
   runner = Runner(args, argv)
   # SIGTERM (e.g. from tools/gpu_checks.py at its time cap) ends the running child too.
   signal.signal(signal.SIGTERM, _interrupt)
@@ -477,46 +421,32 @@ def parent(args, runner, command):
     env.update(data["env"])
     peak["torch_flops"] = data.get("torch_flops")
   env["command"] = command
-  for k, val in env.items():
-    print(f"  {k}: {val}")
+  print("\n".join(f"  {k}: {v}" for k, v in env.items()))
   print(f"  matmul peak ({peak['n']}^3 {peak['dtype']}, median of {peak['reps']}): jax "
         f"{_flops(peak['jax_flops'])}" + (f", torch {_flops(peak['torch_flops'])}"
                                           if peak.get("torch_flops") else ""), flush=True)
   if "hf" in args.sides and env["gpu"] and not env.get("torch_cuda_available"):
     raise SystemExit(f"ABORT: JAX runs on the GPU but torch {env['torch']} has no CUDA: the HF "
                      "rows would run elsewhere. Install a CUDA torch or pass --sides jax.")
-
-  models, notes = {}, []
-  todo = [(n, s) for n in args.models for s in SIDES if s in args.sides]
-  for i, (name, side) in enumerate(todo):
-    print(f"\n## {name}: {MODELS[name]['label']}, {SIDE_LABELS[side]}", flush=True)
-    status, data = runner.run(f"model:{side}:{name}", share=1.0 / (len(todo) - i))
+  models, searches, notes = {}, {}, []
+  for name, side, status, data in runner.each(
+      "model", args.models, lambda n, s: f"{n}: {MODELS[n]['label']}, {SIDE_LABELS[s]}"):
     batch, seq_len = shape_of(name, args)
     m = models.setdefault(name, {"model": name, "batch": batch, "seq_len": seq_len,
                                  "by_side": {}, "status": {}})
-    m["status"][side] = status
-    data = data or {}
+    m["status"][side], data = status, data or {}
     m.update({k: v for k, v in data.items() if k not in ("results", "notes")})
     for r in data.get("results", []):
       if "error" not in r:
         r["mfu"] = mfu(r["tok_per_s"], m.get("flops_per_token"), peak["jax_flops"])
       m["by_side"][side] = r
     notes += [n for n in data.get("notes", []) if n not in notes]
-    if status != "ok":
-      print(f"  {name} {side}: child {status}", flush=True)
-
-  searches = {}
   if args.max_batch_search and not env["gpu"] and not args.force_search:
     notes.append("max batch search skipped: not a GPU run (--force_search with a small "
                  "--search_cap runs it on CPU)")
   elif args.max_batch_search:
-    todo = [(n, s) for n in args.search_models for s in SIDES if s in args.sides]
-    for i, (name, side) in enumerate(todo):
-      print(f"\n## max batch search: {name}, {SIDE_LABELS[side]}", flush=True)
-      extra = {"PYTORCH_CUDA_ALLOC_CONF": os.environ.get(
-          "PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")} if side == "hf" else None
-      status, data = runner.run(f"search:{side}:{name}", share=1.0 / (len(todo) - i),
-                                extra_env=extra)
+    for name, side, status, data in runner.each(
+        "search", args.search_models, lambda n, s: f"max batch search: {n}, {SIDE_LABELS[s]}"):
       s = searches.setdefault(name, {"seq_len": shape_of(name, args)[1]})
       s[f"{side}_status"] = status
       if data is not None and "max" in data:
@@ -528,9 +458,6 @@ def parent(args, runner, command):
         if data.get("setup", {}).get("fallback"):
           notes.append(f"{name} search: decoder_jax attention fell back to xla "
                        f"({data['setup']['fallback'][:120]})")
-      if status != "ok":
-        print(f"  search {name} {side}: child {status}", flush=True)
-
   for m in models.values():
     j, h = m["by_side"].get("jax") or {}, m["by_side"].get("hf") or {}
     if j.get("attention_fallback"):
@@ -541,18 +468,11 @@ def parent(args, runner, command):
                    f"({h['torch_compile_error'][:120]})")
   lines = summary_lines(models, searches, env, peak, args) + [f"- note: {n}" for n in notes]
   print("\n## summary\n" + "\n".join(lines))
-  table = table_lines(models, searches, env)
   if args.json_out:
-    with open(args.json_out, "w") as f:
-      json.dump({"env": env, "peak": peak, "args": vars(args), "models": models,
-                 "searches": searches, "summary": lines}, f, indent=1, default=str)
-    print(f"wrote {args.json_out}")
-  if args.table_out:
-    common.append_section(args.table_out, "Pretraining step throughput, decoder_jax vs. HF "
-                          "transformers", env, header_line(env, args),
-                          table + ["", note_text(env), ""] + lines)
-  print(f"\n## results ({header_line(env, args)})\n\n" + "\n".join(table) + "\n\n"
-        + note_text(env))
+    common.dump(args.json_out, {"env": env, "peak": peak, "args": vars(args), "models": models,
+                                "searches": searches, "summary": lines})
+  print(f"\n## results ({header_line(env, args)})\n\n" + "\n".join(
+      table_lines(models, searches, env)))
   return 2 if any(m.get("mismatch") for m in models.values()) else 0
 
 
@@ -591,9 +511,8 @@ def summary_lines(models, searches, env, peak, args):
       if name in SPEED_TARGETS:
         line += (f"; target >= {SPEED_TARGETS[name]}x on an H200: "
                  f"{common.verdict(ratio >= SPEED_TARGETS[name], env)}")
-      diff = abs(j["loss_first"] - h["loss_first"])
-      float32 = env.get("precision") == "float32"
-      tol = args.loss_tol if float32 else BF16_WARN
+      diff, float32 = abs(j["loss_first"] - h["loss_first"]), env.get("precision") == "float32"
+      tol = args.loss_tol if float32 else common.BF16_WARN
       lines += [line, f"- {name} cross-check: step-0 loss decoder_jax {j['loss_first']:.6f} vs "
                 f"HF {h['loss_first']:.6f}, |diff| {diff:.1e} ({'ok' if diff <= tol else 'MISMATCH'}"
                 f", tol {tol:g}, same weights and batch, {env.get('precision')}); last step "
@@ -631,37 +550,32 @@ def summary_lines(models, searches, env, peak, args):
   return lines
 
 
-def _label(name, layers):
-  default = MODELS[name]["layers"]
-  return MODELS[name]["label"] + (f" ({layers} layer{'s' if layers != 1 else ''})"
-                                  if layers and layers != default else "")
-
-
 def table_lines(models, searches, env):
-  fmt, pct = common.fmt_bytes, common.pct
-  rows = []
+  fmt, pct, rows = common.fmt_bytes, common.pct, []
+  label = lambda name, layers: MODELS[name]["label"] + (  # noqa: E731
+      f" ({layers} layer{'s' if layers != 1 else ''})"
+      if layers and layers != MODELS[name]["layers"] else "")
   for name, m in models.items():
     for side in SIDES:
-      r, shape = m["by_side"].get(side), f"{m['batch']} x {m['seq_len']}"
-      label = SIDE_LABELS[side] + (" (compiled)" if side == "hf" and r and r.get("torch_compile")
-                                   else "")
-      head = [_label(name, m.get("layers")), label, shape]
+      r = m["by_side"].get(side)
+      head = [label(name, m.get("layers")), SIDE_LABELS[side] + (
+          " (compiled)" if side == "hf" and r and r.get("torch_compile") else ""),
+              f"{m['batch']} x {m['seq_len']}"]
       if r is None and side in m["status"]:
-        status = m["status"][side]
-        rows.append(head + ["no result" if status == "ok" else status])
+        rows.append(head + ["no result" if m["status"][side] == "ok" else m["status"][side]])
       elif r is not None and "error" in r:
         rows.append(head + [f"failed: {r['error'][:120]}"])
       elif r is not None:
-        comp = (f"{r['trace_s']:.1f} + {r['compile_s']:.1f}" if side == "jax" else
-                f"{r['compile_s']:.1f} (1st step)" if r.get("compile_s") is not None else "-")
-        rows.append(head + [f"{r['ms_per_step']:.1f}", f"{r['tok_per_s']:,.0f}",
-                            pct(r.get("mfu")), fmt(r["peak_bytes"]), comp,
-                            f"{r['loss_first']:.4f} -> {r['loss_last']:.4f}",
-                            common.busy_cells([r.get("others_busy")])])
+        rows.append(head + [
+            f"{r['ms_per_step']:.1f}", f"{r['tok_per_s']:,.0f}", pct(r.get("mfu")),
+            fmt(r["peak_bytes"]), f"{r['trace_s']:.1f} + {r['compile_s']:.1f}" if side == "jax"
+            else f"{r['compile_s']:.1f} (1st step)" if r.get("compile_s") is not None else "-",
+            f"{r['loss_first']:.4f} -> {r['loss_last']:.4f}",
+            common.busy_cells([r.get("others_busy")])])
   for name, s in searches.items():
     for side in SIDES:
       r = s.get(side)
-      head = [_label(name, (r or {}).get("layers")) + ": max batch", SIDE_LABELS[side]]
+      head = [label(name, (r or {}).get("layers")) + ": max batch", SIDE_LABELS[side]]
       best = _best_try(r) if r and "max" in r else None
       if r is None or "max" not in r:
         rows.append(head + [f"? x {s['seq_len']}", s.get(f"{side}_status", "not run")])
@@ -682,87 +596,62 @@ def table_lines(models, searches, env):
                          right=(3, 4, 5, 6, 7, 9))
 
 
-def note_text(env):
-  how = ("decoder_jax: device peak_bytes_in_use of its own process; HF: "
-         "torch.cuda.max_memory_allocated" if env.get("gpu") else
-         "growth of the process's peak RSS (VmHWM) over each side, setup and compile included")
-  prec = {"mixed": "float32 params, grads and Adam moments, bf16 compute (HF: torch.autocast "
-                   "bf16)", "bfloat16": "bf16 params and compute on both sides",
-          "float32": "float32 everywhere"}[env.get("precision", "float32")]
-  return (f"Precision: {prec}. ms/step: median of the timed steps, each timed alone. Memory: "
-          f"{how}. compile s: decoder_jax trace + XLA compile; HF the first step (with "
-          f"torch.compile when on). 'others busy': share of all cores other processes used "
-          f"during the timed steps.")
-
-
 def header_line(env, args):
-  return (f"{common.hardware_versions(env, DISTS)} Precision {env.get('precision')}, median of "
-          f"{args.steps} timed steps after {args.warmup} warm-up, decoder_jax attention "
-          f"{env.get('jax_attention')} ({env.get('jax_attention_resolved')}), scan_layers, remat "
-          f"{args.remat}, loss chunk {args.loss_chunk or 'off'}; HF SDPA, torch.compile "
-          f"{'on' if env.get('torch_compile') else 'off'}; AdamW lr {args.lr:g}, wd "
-          f"{args.weight_decay:g}, clip {args.grad_clip:g}; random tokens.")
-
-
-def _per_model_ints(text):
-  """'16' or 'gpt2=16,llama1b=8'."""
-  if "=" not in text:
-    return int(text)
-  out = {}
-  for part in text.split(","):
-    name, _, value = part.partition("=")
-    if name.strip() not in MODELS:
-      raise argparse.ArgumentTypeError(f"unknown model {name!r}")
-    out[name.strip()] = int(value)
-  return out
-
-
-def _names(allowed):
-  def parse(text):
-    names = [x.strip() for x in text.split(",") if x.strip() and x.strip() != "none"]
-    if any(n not in allowed for n in names):
-      raise argparse.ArgumentTypeError(f"choose from {', '.join(allowed)} or none")
-    return names
-  return parse
+  hw = (f"{env.get('jax_device')} (torch: {env.get('torch_gpu', '-')}, CUDA "
+        f"{env.get('torch_cuda', '-')})" if env.get("gpu") else
+        f"{env.get('cpu')}, {env.get('cores')} cores (CPU)")
+  versions = [f"python {env.get('python')}", f"jax/jaxlib {env.get('jax')}/{env.get('jaxlib')}",
+              *(f"{d} {env.get(d)}" for d in DISTS), *(f"{p} {env[p]}" for p in common.PLUGINS
+                                                        if p in env)]
+  return (f"Hardware: {hw}. Versions: {', '.join(versions)}. Precision {env.get('precision')}, "
+          f"median of {args.steps} timed steps after {args.warmup} warm-up, decoder_jax "
+          f"attention {env.get('jax_attention')} ({env.get('jax_attention_resolved')}), "
+          f"scan_layers, remat {args.remat}, loss chunk {args.loss_chunk or 'off'}; HF SDPA, "
+          f"torch.compile {'on' if env.get('torch_compile') else 'off'}; AdamW lr {args.lr:g}, "
+          f"wd {args.weight_decay:g}, clip {args.grad_clip:g}; random tokens.")
 
 
 def parse_args(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+  def per_model(text):  # '16' or 'gpt2=16,llama1b=8'
+    if "=" not in text:
+      return int(text)
+    pairs = [(n.strip(), int(v)) for n, _, v in (p.partition("=") for p in text.split(","))]
+    if any(n not in MODELS for n, _ in pairs):
+      raise argparse.ArgumentTypeError(f"unknown model in {text!r}")
+    return dict(pairs)
+
+  def names(allowed):
+    def parse(text):
+      got = [x.strip() for x in text.split(",") if x.strip() and x.strip() != "none"]
+      if any(n not in allowed for n in got):
+        raise argparse.ArgumentTypeError(f"choose from {', '.join(allowed)} or none")
+      return got
+    return parse
+  defaults = lambda key: ", ".join(f"{n} {s[key]}" for n, s in MODELS.items())  # noqa: E731
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   add = ap.add_argument
-  add("--models", default="gpt2,smollm2,llama1b", type=_names(tuple(MODELS)),
+  add("--models", default="gpt2,smollm2,llama1b", type=names(tuple(MODELS)),
       help=f"comma list of {', '.join(MODELS)}, or none")
-  add("--sides", default="jax,hf", type=_names(SIDES))
-  add("--no_launch_flags", action="store_true", help="decoder_jax without the XLA flags the "
-      "train launcher adds (decoder_jax/xla_flags.py): the 'before' of a before/after")
-  add("--batch", type=_per_model_ints, default=None, help="batch of every model, or per model: "
-      "gpt2=16,llama1b=8 (defaults: " + ", ".join(f"{n} {s['batch']}" for n, s in MODELS.items())
-      + ")")
-  add("--seq_len", type=_per_model_ints, default=None, help="sequence length, as --batch "
-      "(defaults: " + ", ".join(f"{n} {s['seq_len']}" for n, s in MODELS.items()) + ")")
-  add("--num_layers", type=int, default=0, help="every model's layer count (smoke tests)")
-  add("--steps", type=int, default=10, help="timed steps per side")
-  add("--warmup", type=int, default=2, help="untimed steps before them")
+  add("--sides", default="jax,hf", type=names(SIDES))
+  add("--no_launch_flags", action="store_true",
+      help="decoder_jax without the XLA flags the train launcher adds (decoder_jax/xla_flags.py)")
+  add("--batch", type=per_model, default=None,
+      help=f"batch of every model, or per model: gpt2=16,llama1b=8 ({defaults('batch')})")
+  add("--seq_len", type=per_model, default=None,
+      help=f"sequence length, as --batch ({defaults('seq_len')})")
   add("--precision", default="auto", choices=("auto", "mixed", "bfloat16", "float32"),
       help="auto: mixed on a GPU (float32 params, bf16 compute), float32 on CPU")
   add("--remat", default="none", choices=("none", "dots_saveable", "full"),
       help="decoder_jax remat policy; full also turns on HF gradient checkpointing")
   add("--loss_chunk", type=int, default=0, help="make_train_step(loss_chunk_size=N) (0: off)")
-  add("--jax_attention", default="auto", choices=("auto", "xla", "cudnn"))
-  add("--torch_compile", action=argparse.BooleanOptionalAction, default=None,
-      help="torch.compile the HF model (default: on with CUDA, off on CPU)")
-  add("--torch_compile_mode", default=None)
-  add("--lr", type=float, default=6e-4)
-  add("--weight_decay", type=float, default=0.1)
-  add("--grad_clip", type=float, default=1.0, help="global-norm clip (0: none)")
-  add("--loss_tol", type=float, default=1e-3,
-      help="float32 step-0 loss agreement required (exit code 2 otherwise)")
+  common.add_step_flags(ap, lr=6e-4, weight_decay=0.1)
   add("--trace_dir", default=None, help="trace --trace_steps more steps of each decoder_jax "
       "side into TRACE_DIR/MODEL and split their device time (decoder_jax.trace_account)")
   add("--trace_steps", type=int, default=3)
   add("--max_batch_search", action="store_true")
   add("--force_search", action="store_true", help="run the search on CPU too")
-  add("--search_models", default="gpt2", type=_names(tuple(MODELS)))
+  add("--search_models", default="gpt2", type=names(tuple(MODELS)))
   add("--search_start", type=int, default=16)
   add("--search_cap", type=int, default=0, help="0: 4096 on a GPU, 4 on CPU")
   add("--search_step", type=int, default=0, help="bisection precision (0: 8 GPU, 1 CPU)")
@@ -772,11 +661,6 @@ def parse_args(argv=None):
   add("--jax_mem_fraction", type=float, default=0.95,
       help="XLA_PYTHON_CLIENT_MEM_FRACTION of the children (unless set)")
   add("--time_limit_s", type=float, default=460, help="whole-run limit in seconds (0: none)")
-  add("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
-  add("--seed", type=int, default=0)
-  add("--json_out", default=None)
-  add("--table_out", default=None, help="append a markdown section (date, hardware, versions, "
-      "command, table, summary), e.g. benchmarks/RESULTS.md")
   for hidden, kind in (("--_child", str), ("--_out", str), ("--_deadline", float),
                        ("--_gpu", int)):
     add(hidden, type=kind, default=None, help=argparse.SUPPRESS)
@@ -793,7 +677,6 @@ def parse_args(argv=None):
   if not args.models and not args.max_batch_search:
     ap.error("nothing to run: --models none without --max_batch_search")
   return args
-
 
 if __name__ == "__main__":
   sys.exit(main())
