@@ -30,6 +30,14 @@ is a conversation: each line read from stdin is the next user turn, answered wit
 conversation so far as context (the oldest turns dropped when it outgrows the context):
 
   python -m decoder_jax.generate --workdir=W --chat --temperature=0.7 --max_new_tokens=60
+
+The workdir of an encoder-decoder (configs/multi30k_seq2seq.py) translates: each prompt is
+a source sentence and one translation a line is printed (--output: {"source", "text"}),
+greedy with --temperature=0, sampled, or by beam search; max_new_tokens defaults to what
+the decoder's positions hold.
+
+  python -m decoder_jax.generate --workdir=W --prompt="A dog runs on the beach." \
+      --temperature=0 --num_beams=4
 """
 
 import json
@@ -39,7 +47,7 @@ import sys
 
 from absl import flags
 
-from decoder_jax import cli, decoding, inference
+from decoder_jax import cli, decoding, inference, seq2seq
 from decoder_jax.errors import ConfigError, NotFound
 from decoder_jax.train.metrics import quiet_library_logs
 
@@ -91,6 +99,9 @@ def main(argv):
   trained = inference.load_model(pretrained=_PRETRAINED.value, workdir=_WORKDIR.value,
                                  dtype=_DTYPE.value)
   chat = _CHAT.value
+  if trained.config.is_encoder_decoder:
+    _translate(trained, prompts, sampler)
+    return
   if chat and not _PROMPTS_FILE.value and not flags.FLAGS["prompt"].present:
     _converse(trained, sampler)
     return
@@ -111,6 +122,28 @@ def main(argv):
       print(sample["text"] if chat else result["prompt"] + sample["text"])
       if several:  # one text alone prints as the text only
         print("---")
+
+
+def _translate(trained, sources, sampler) -> None:
+  """An encoder-decoder's workdir: each prompt is a source sentence, printed translated
+  (the decoder-only options that do not apply are refused)."""
+  unsupported = [name for name in ("chat", "num_samples", "min_new_tokens", "stop",
+                                   "draft_layers", "draft_pretrained", "draft_workdir")
+                 if flags.FLAGS[name].present]
+  if unsupported:
+    raise ConfigError(f"--{', --'.join(unsupported)}: not for an encoder-decoder, which "
+                      "translates each prompt as a source sentence")
+  max_new = _MAX_NEW.value
+  if not flags.FLAGS["max_new_tokens"].present and not trained.config.use_rope:
+    max_new = min(max_new, trained.config.max_length - 1)  # the decoder's positions
+  texts = seq2seq.translate_texts(trained, sources, max_new_tokens=max_new,
+                                  num_beams=_NUM_BEAMS.value, sampler=sampler,
+                                  length_penalty=_LENGTH_PENALTY.value, seed=_SEED.value)
+  if _OUTPUT.value:
+    with open(_OUTPUT.value, "w", encoding="utf-8") as f:
+      f.write("".join(json.dumps({"source": s, "text": t}, ensure_ascii=False) + "\n"
+                      for s, t in zip(sources, texts)))
+  print("\n".join(texts))
 
 
 def unescape(text: str) -> str:

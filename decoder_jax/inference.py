@@ -29,8 +29,8 @@ from decoder_jax import workdir as workdir_lib
 from decoder_jax.data import tasks
 from decoder_jax.decoding import speculative, stop_strings
 from decoder_jax.errors import ConfigError, NotFound
-from decoder_jax.model import (Decoder, ModelConfig, init_cache, layers, relayout_layers,
-                               resize_cache)
+from decoder_jax.model import (Decoder, ModelConfig, build, init_cache, layers,
+                               relayout_layers, resize_cache)
 from decoder_jax.model.config import PEFT_METHODS
 # Re-exported: what inference's callers load and cast.
 from decoder_jax.workdir import TrainedModel, with_dtype
@@ -55,7 +55,7 @@ def load_trained(workdir: str) -> TrainedModel:
   source = run_config.get("init_from")
   if not source:
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-    abstract, _ = workdir_lib.abstract_params(Decoder(model_config), mesh)
+    abstract, _ = workdir_lib.abstract_params(build(model_config), mesh)
     params, step = workdir_lib.restore_params(workdir, abstract)
     return TrainedModel(model_config, params, tokenizer, step)
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])

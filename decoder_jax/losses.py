@@ -4,7 +4,12 @@ The batch decides the objective: a batch with `last_index` is scored by the
 classification head (cross-entropy over labels, one example per row); a batch with
 `answer_index` (label words) has one weighted target per row, so only that position's
 logits are computed; any other is language modelling (per-token cross-entropy, weighted
-by `weights` when the batch has them: 0 on prompts and padding).
+by `weights` when the batch has them: 0 on prompts and padding). A batch with `source`
+(and `source_lengths`) goes to an encoder-decoder: the encoder reads the source, the
+decoder the inputs.
+
+`label_smoothing` (eps, training only) replaces each cross-entropy by
+(1 - eps) * nll + eps * the mean over the vocabulary of -log p.
 
 `mean_loss` averages `loss_sums` over a stream of evaluation batches.
 """
@@ -21,7 +26,29 @@ import optax
 from decoder_jax.errors import ConfigError
 
 
-def token_losses(model, params, batch, rng=None, deterministic=True, chunk_size=None):
+def cross_entropy(logits, targets, label_smoothing: float = 0.0):
+  """float32 logits [..., vocab], int targets [...] -> [...]: -log p(target), or with
+  `label_smoothing` eps, (1 - eps) * that + eps * mean over the vocabulary of -log p."""
+  if not label_smoothing:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  log_z = jax.nn.logsumexp(logits, axis=-1)  # [...]
+  nll = log_z - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # [...]
+  uniform = log_z - logits.mean(axis=-1)  # mean_v -log p_v, [...]
+  return (1.0 - label_smoothing) * nll + label_smoothing * uniform
+
+
+def apply_model(model, params, batch, deterministic=True, rngs=None, **kw):
+  """model.apply on the batch's inputs (and, for an encoder-decoder, its source)."""
+  if "source" in batch:
+    return model.apply({"params": params}, batch["source"], batch["inputs"],
+                       source_lengths=batch["source_lengths"], deterministic=deterministic,
+                       rngs=rngs, **kw)
+  return model.apply({"params": params}, batch["inputs"], deterministic=deterministic,
+                     rngs=rngs, **kw)
+
+
+def token_losses(model, params, batch, rng=None, deterministic=True, chunk_size=None,
+                 label_smoothing: float = 0.0):
   """Per-token cross-entropy in float32: [batch, length].
 
   With `chunk_size`, the output projection and the cross-entropy run over chunks of
@@ -30,14 +57,12 @@ def token_losses(model, params, batch, rng=None, deterministic=True, chunk_size=
   """
   rngs = None if deterministic else {"dropout": rng}
   if not chunk_size:
-    logits, _ = model.apply({"params": params}, batch["inputs"], deterministic=deterministic,
-                            rngs=rngs)  # [batch, length, vocab]
-    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
-                                                           batch["targets"])
-  hidden, _ = model.apply({"params": params}, batch["inputs"], deterministic=deterministic,
-                          rngs=rngs, return_hidden=True)  # [batch, length, embed]
+    logits, _ = apply_model(model, params, batch, deterministic, rngs)  # [batch, length, vocab]
+    return cross_entropy(logits.astype(jnp.float32), batch["targets"], label_smoothing)
+  hidden, _ = apply_model(model, params, batch, deterministic, rngs,
+                          return_hidden=True)  # [batch, length, embed]
   return chunked_token_losses(hidden, output_matrix(model.config, params), batch["targets"],
-                              chunk_size, jnp.dtype(model.config.dtype))
+                              chunk_size, jnp.dtype(model.config.dtype), label_smoothing)
 
 
 def output_matrix(config, params):
@@ -51,7 +76,8 @@ def output_matrix(config, params):
   return params["lm_head"]["kernel"]
 
 
-def chunked_token_losses(hidden, matrix, targets, chunk_size: int, dtype):
+def chunked_token_losses(hidden, matrix, targets, chunk_size: int, dtype,
+                         label_smoothing: float = 0.0):
   """hidden [batch, length, embed] @ matrix [embed, vocab] -> cross-entropy [batch, length],
   chunk by chunk over the flattened tokens."""
   batch, length, width = hidden.shape
@@ -65,7 +91,7 @@ def chunked_token_losses(hidden, matrix, targets, chunk_size: int, dtype):
   def one_chunk(args):
     h, t = args  # [chunk, embed], [chunk]
     logits = (h.astype(dtype) @ matrix.astype(dtype)).astype(jnp.float32)  # [chunk, vocab]
-    return optax.softmax_cross_entropy_with_integer_labels(logits, t)
+    return cross_entropy(logits, t, label_smoothing)
 
   losses = jax.lax.map(one_chunk, (flat_hidden.reshape(chunks, chunk_size, width),
                                    flat_targets.reshape(chunks, chunk_size)))
@@ -94,22 +120,23 @@ def at_answer(batch, key):
   return values[jnp.arange(values.shape[0]), batch["answer_index"]]
 
 
-def loss_sums(model, params, batch, rng=None, deterministic=True, chunk_size=None):
-  """(sum of weighted losses, sum of weights) of a batch, whatever its objective."""
+def loss_sums(model, params, batch, rng=None, deterministic=True, chunk_size=None,
+              label_smoothing: float = 0.0):
+  """(sum of weighted losses, sum of weights) of a batch, whatever its objective;
+  `label_smoothing` (training) smooths every objective's cross-entropy."""
   if "last_index" in batch:
-    losses = optax.softmax_cross_entropy_with_integer_labels(
-        class_logits(model, params, batch, rng, deterministic), batch["labels"])  # [batch]
+    losses = cross_entropy(class_logits(model, params, batch, rng, deterministic),
+                           batch["labels"], label_smoothing)  # [batch]
   elif "answer_index" in batch:
     # Label words: the answer position is the only weighted target of a row (the
     # response is one token), so the [batch, length, vocab] logits would be wasted.
-    losses = optax.softmax_cross_entropy_with_integer_labels(
-        answer_logits(model, params, batch, rng, deterministic),
-        at_answer(batch, "targets"))  # [batch]
+    losses = cross_entropy(answer_logits(model, params, batch, rng, deterministic),
+                           at_answer(batch, "targets"), label_smoothing)  # [batch]
     weights = at_answer(batch, "weights")  # [batch]
     return (losses * weights).sum(), weights.sum()
   else:
-    losses = token_losses(model, params, batch, rng, deterministic,
-                          chunk_size)  # [batch, length]
+    losses = token_losses(model, params, batch, rng, deterministic, chunk_size,
+                          label_smoothing)  # [batch, length]
   weights = batch.get("weights")
   if weights is None:
     weights = jnp.ones_like(losses)

@@ -30,7 +30,7 @@ from etils import epath
 from decoder_jax import progress, sharding
 from decoder_jax.data import tokenizers
 from decoder_jax.errors import ConfigError, NotFound
-from decoder_jax.model import Decoder, ModelConfig
+from decoder_jax.model import ModelConfig, init_inputs
 
 MODEL_CONFIG_FILE = "model_config.json"
 RUN_CONFIG_FILE = "config.json"
@@ -117,11 +117,11 @@ def latest_step(workdir: str) -> int | None:
   return max(steps) if steps else None
 
 
-def abstract_params(model: Decoder, mesh):
+def abstract_params(model, mesh):
   """(ShapeDtypeStructs of `model`'s params laid out on `mesh` by the logical-axis rules,
   their NamedShardings)."""
   boxed = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))["params"]
+      lambda: model.init(jax.random.key(0), *init_inputs(model.config)))["params"]
   shardings = sharding.shardings_for(boxed, mesh)
   abstract = jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
                           nn.unbox(boxed), shardings)

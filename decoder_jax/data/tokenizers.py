@@ -1,6 +1,7 @@
 """Tokenizers: a character vocabulary (nanoGPT's shakespeare_char) and SentencePiece.
 
-Both expose the same small surface: `vocab_size`, `eos_id`, `encode(text) -> list[int]`,
+Both expose the same small surface: `vocab_size`, `eos_id` (and `bos_id`, `pad_id`, None
+where the vocabulary has none), `encode(text) -> list[int]`,
 `encode_array(text) -> int32 array`, `decode(ids) -> str`. `save_tokenizer` /
 `load_tokenizer` store one in a directory (a training workdir, possibly on GCS) so that
 `generate` can rebuild exactly the tokenizer a model was trained with. A Hugging Face
@@ -10,6 +11,7 @@ surface and is saved and loaded by the same two functions.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -62,6 +64,10 @@ class CharTokenizer:
   def bos_id(self) -> int | None:
     return None
 
+  @property
+  def pad_id(self) -> int | None:
+    return None
+
   def encode_array(self, text: str) -> np.ndarray:
     """Text -> int32 ids [len(text)]; raises ValueError naming unknown characters."""
     code_points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)  # [chars]
@@ -104,6 +110,13 @@ _SPM_TRAIN_DEFAULTS = dict(
     minloglevel=2,  # The trainer otherwise logs thousands of lines to stderr.
 )
 
+# For a vocabulary of separate sentences (a seq2seq task's joint vocabulary): a word at a
+# sentence's start is the same piece as inside one ("▁Deux", not "Deux": the dummy
+# prefix), no "\n" piece (no example holds one), and a padding id of its own beside
+# <unk> 0, <s> 1 and </s> 2, so padding is never a real token.
+SENTENCE_OPTIONS = dict(add_dummy_prefix=True, user_defined_symbols=[], pad_id=3,
+                        pad_piece="<pad>")
+
 
 class SentencePieceTokenizer:
   """A SentencePiece model, held as its serialized proto so it can be saved anywhere."""
@@ -139,6 +152,28 @@ class SentencePieceTokenizer:
     if not lines:
       raise ConfigError("Cannot train SentencePiece on an empty text.")
     return cls._train(model_prefix, vocab_size, sentence_iterator=iter(lines), **kw)
+
+  @classmethod
+  def train_on_sentences(cls, sentences: Sequence[str], vocab_size: int, *, seed: int = 0,
+                         **kw) -> SentencePieceTokenizer:
+    """Trains in memory on `sentences` (one training sentence each); writes no file.
+
+    `seed` fixes SentencePiece's random generator (the sentence sampling of corpora past
+    input_sentence_size), so the same sentences and options give the same vocabulary.
+    """
+    sentences = [s for s in sentences if s]
+    if not sentences:
+      raise ConfigError("Cannot train SentencePiece on no sentences.")
+    if vocab_size < 1:
+      raise ConfigError(f"A SentencePiece vocab_size must be positive; got {vocab_size}.")
+    spm.set_random_generator_seed(seed)
+    model = io.BytesIO()
+    try:
+      spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=model,
+                                     vocab_size=vocab_size, **{**_SPM_TRAIN_DEFAULTS, **kw})
+    except RuntimeError as e:  # e.g. a vocab_size the text cannot fill
+      raise ConfigError(f"SentencePiece training failed: {e}") from None
+    return cls(model.getvalue())
 
   @classmethod
   def _train(cls, model_prefix, vocab_size, **kw) -> SentencePieceTokenizer:
@@ -183,6 +218,11 @@ class SentencePieceTokenizer:
   def bos_id(self) -> int | None:
     bos = self._processor.bos_id()
     return None if bos < 0 else bos
+
+  @property
+  def pad_id(self) -> int | None:
+    pad = self._processor.pad_id()
+    return None if pad < 0 else pad
 
   def encode(self, text: str) -> list[int]:
     return self._processor.encode(text)

@@ -20,7 +20,7 @@ from decoder_jax import decoding, inference, losses, peft, sharding, workdir as 
 from decoder_jax.data import task_sources, tasks
 from decoder_jax.errors import ConfigError, NotFound
 from decoder_jax.evaluation import metrics, task_eval
-from decoder_jax.model import Decoder, ModelConfig
+from decoder_jax.model import Decoder, ModelConfig, build
 from decoder_jax.model.config import with_training_choices
 
 
@@ -87,11 +87,17 @@ def load_finetuned(config, workdir: str | None, *, zero_shot: bool = False,
     if workdir_lib.latest_step(workdir) is None:
       raise NotFound(f"no checkpoint in {workdir} yet (use --zero_shot for the pretrained "
                      "model)")
-  if not config.get("init_from"):
+  from_scratch = config.task.get("kind") == "seq2seq" and not config.get("init_from")
+  if not config.get("init_from") and not from_scratch:
     raise ConfigError("a task config (config.task) fine-tunes a pretrained model: set "
                       "config.init_from to its checkpoint (gguf:FILE, hf:DIR, a converted DIR)")
+  if from_scratch and zero_shot:
+    raise ConfigError("--zero_shot scores config.init_from, and this config trains from "
+                      "scratch: give its --workdir")
   sharding.split_host_cpu(config.mesh.get("num_cpu_devices"))
   mesh = sharding.make_mesh(config.mesh)
+  if from_scratch:
+    return _load_from_scratch(config, workdir, weights, mesh)
   model_section = config.model.to_dict()
   if zero_shot:
     model_section.update(dict.fromkeys(peft.METHODS))  # the pretrained model alone
@@ -115,6 +121,39 @@ def load_finetuned(config, workdir: str | None, *, zero_shot: bool = False,
   return run, peft.combine(trainable, frozen), what
 
 
+def with_run_source(config, workdir: str | None):
+  """`config` with task.source, when unset (e.g. $DECODER_JAX_DATA not set here), taken
+  from the run config the training wrote in `workdir`: the data the run trained on."""
+  if config.get("task") is None or config.task.get("source") or not workdir:
+    return config
+  try:
+    source = workdir_lib.read_run_config(workdir).get("task", {}).get("source")
+  except (FileNotFoundError, NotFound, ConfigError):
+    return config
+  if not source:
+    return config
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.task.source = source
+  return config
+
+
+def _load_from_scratch(config, workdir: str, weights: str, mesh):
+  """load_finetuned's (run, params, what) for a run trained from scratch (a seq2seq task):
+  the architecture and the vocabulary the run trained are the workdir's."""
+  model_config = workdir_lib.read_model_config(workdir)
+  tokenizer = workdir_lib.read_tokenizer(workdir)
+  model = build(model_config)
+  datasets = tasks.make_task_datasets(config.task, tokenizer,
+                                      global_batch_size=config.train.batch_size,
+                                      eval_batch_size=config.data.eval_batch_size,
+                                      seed=config.seed,
+                                      encoder_decoder=model_config.is_encoder_decoder)
+  abstract, _ = workdir_lib.abstract_params(model, mesh)
+  params, what = _restore_trainable(workdir, weights, abstract)
+  return FinetunedRun(model_config, model, tokenizer, datasets), params, what
+
+
 def merged_model(run, params):
   """An inference.TrainedModel of a loaded run with its method merged where it can be, for
   inference.generate_batch / complete or evaluation.generation.generate_texts."""
@@ -131,6 +170,7 @@ def evaluate(config, workdir: str | None, *, zero_shot: bool = False, weights: s
   A chat task reports the perplexity of the assistant turns and `num_replies` greedy
   replies to held-out conversations, beside the replies the people wrote.
   """
+  config = with_run_source(config, workdir)
   run, params, scored = load_finetuned(config, workdir, zero_shot=zero_shot, weights=weights)
   eval_config = (config.get("eval") or task_eval.default_eval_config()).copy_and_resolve_references()
   with eval_config.unlocked():

@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from decoder_jax import inference, losses as losses_lib, peft
+from decoder_jax import inference, losses as losses_lib, peft, seq2seq
 from decoder_jax.data import tasks as tasks_lib
 from decoder_jax.evaluation import generation, metrics
 from decoder_jax.model import Decoder, ModelConfig
@@ -46,13 +46,21 @@ def plain_model(model_config: ModelConfig, params):
 def bleu_of(model_config: ModelConfig, params, tokenizer, examples, *, max_new_tokens: int,
             num_beams: int = 1, batch_size: int = 32, length_penalty: float = 1.0,
             limit: int | None = None) -> tuple[float, list[str]]:
-  """(corpus BLEU, hypotheses) of greedy or beam generations from each example's prompt.
+  """(corpus BLEU, hypotheses) of greedy or beam generations from each example's prompt
+  (an encoder-decoder: from its source_ids).
 
   A hypothesis ends at its first line break: the prompts hold one sentence per line, and
   a model that has not learnt to stop (zero-shot) would otherwise be scored on whatever
   it writes after its translation.
   """
   examples = examples[:limit] if limit else examples
+  if model_config.is_encoder_decoder:  # the source goes to the encoder, not into a prompt
+    trained = inference.TrainedModel(model_config, params, tokenizer)
+    targets = seq2seq.translate_ids(trained, [list(e["source_ids"]) for e in examples],
+                                    max_new_tokens=max_new_tokens, num_beams=num_beams,
+                                    batch_size=batch_size, length_penalty=length_penalty)
+    hypotheses = [tokenizer.decode(ids).strip() for ids in targets]
+    return metrics.bleu(hypotheses, [e["reference"] for e in examples]), hypotheses
   config, params = plain_model(model_config, params)
   trained = inference.TrainedModel(config, params, tokenizer)
   hypotheses = generation.generate_texts(

@@ -102,15 +102,24 @@ def einsum_attention(q, k, v, mask, bf16_operands: bool = False, kv_layout: str 
   return out.astype(q.dtype).reshape(batch, length, heads, head_dim)
 
 
-def attend(q, k, v, implementation, bf16_operands: bool = False, prefix=None):
-  """Causal self-attention: q [batch, length, heads, head_dim], k and v [batch, length,
-  kv_heads, head_dim], by implementation. `bf16_operands` applies to "einsum" only. With
-  a `prefix` (see einsum_attention) the attention is written out whatever the
+def attend(q, k, v, implementation, bf16_operands: bool = False, prefix=None,
+           causal: bool = True, kv_lengths=None):
+  """Self- or cross-attention: q [batch, length, heads, head_dim], k and v [batch, keys,
+  kv_heads, head_dim], by implementation. `causal`: query t sees keys <= t (self-attention
+  of a decoder); `kv_lengths` (int32 [batch]): each row sees only its first kv_lengths
+  keys (right-padded sources of an encoder-decoder). `bf16_operands` applies to "einsum"
+  only. With a `prefix` (see einsum_attention) the attention is written out whatever the
   implementation."""
   if implementation == "einsum" or prefix is not None:
-    mask = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))[None]  # [1, length, keys]
+    mask = jnp.ones((1, q.shape[1], k.shape[1]), bool)  # [1, length, keys]
+    if causal:
+      mask = jnp.tril(mask)
+    if kv_lengths is not None:  # -> [batch, length, keys]
+      mask = mask & (jnp.arange(k.shape[1])[None, None, :] < kv_lengths[:, None, None])
     return einsum_attention(q, k, v, mask, bf16_operands, prefix=prefix)
-  return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
+  return jax.nn.dot_product_attention(q, k, v, is_causal=causal,
+                                      key_value_seq_lengths=kv_lengths,
+                                      implementation=implementation)
 
 
 def attend_cache(q, k, v, mask, bf16_operands: bool = False, prefix=None):
@@ -148,15 +157,17 @@ class SelfAttention(nn.Module):
   # The cache holds nothing before this chunk, at positions 0..length-1 (Decoder's
   # empty_cache): attend over the chunk itself, causally.
   empty_cache: bool = False
+  causal: bool = True  # False: an encoder's bidirectional attention (no cache)
 
   @nn.compact
-  def __call__(self, x, positions, cache=None, slots=None, prefix=None):
+  def __call__(self, x, positions, cache=None, slots=None, prefix=None, kv_lengths=None):
     """x: [batch, length, embed]; positions: int32 [batch, length].
 
     `slots` (int32 [batch, length], default `positions`): the cache slots of the tokens,
     which a soft prompt or prefix (`prefix`, see einsum_attention) puts `n` behind their
-    positions, as it is kept out of the cache. Returns (out [batch, length, embed],
-    updated cache or None).
+    positions, as it is kept out of the cache. `kv_lengths` (int32 [batch], without a
+    cache): each row attends to its first kv_lengths tokens only (padding after them).
+    Returns (out [batch, length, embed], updated cache or None).
     """
     slots = positions if slots is None else slots
     cfg = self.config
@@ -184,7 +195,8 @@ class SelfAttention(nn.Module):
       new_cache = {"k": _write(cache["k"], k, start, mixed),
                    "v": _write(cache["v"], v, start, mixed)}
     if cache is None or self.empty_cache:
-      out = attend(q, k, v, implementation, bf16_operands=mixed, prefix=prefix)
+      out = attend(q, k, v, implementation, bf16_operands=mixed, prefix=prefix,
+                   causal=self.causal, kv_lengths=kv_lengths)
     else:
       cache_slots = jnp.arange(new_cache["k"].shape[2])  # [cache_length]
       mask = cache_slots[None, None, :] <= slots[:, :, None]  # [batch, length, cache_length]
@@ -195,3 +207,56 @@ class SelfAttention(nn.Module):
                        "out", deterministic=det)(out)  # [batch, length, embed]
     out = nn.Dropout(cfg.dropout)(out, deterministic=self.deterministic)
     return out, new_cache
+
+
+def source_mask(source_lengths, source_len: int):
+  """bool [batch, 1, source_len]: True on each row's first source_lengths positions."""
+  return (jnp.arange(source_len)[None, :] < source_lengths[:, None])[:, None, :]
+
+
+class CrossAttention(nn.Module):
+  """A decoder's attention to the encoder's output (Vaswani et al., 2017, sec. 3.2.3).
+
+  Queries come from the decoder stream, keys and values from the encoded source. Their
+  projections of the source do not change while decoding, so a decode loop computes them
+  once (`kv_only`) and passes them back as `kv` ({"k", "v"}: [batch, kv_heads,
+  source_len, head_dim], the cache layout) at every step. No rotary positions: a source
+  position and a target position are not on one axis.
+  """
+  config: ModelConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x, encoded=None, source_lengths=None, kv=None, kv_only: bool = False):
+    """x: [batch, length, embed] (unused with kv_only); encoded [batch, source_len, embed];
+    source_lengths int32 [batch]. Returns out [batch, length, embed], or with kv_only the
+    keys and values of `encoded`."""
+    cfg = self.config
+    bias, det = cfg.has_qkv_bias, self.deterministic
+    if kv is None:
+      k = layers.dense((cfg.kv_heads, cfg.head_dim), ("embed", "kv_heads", "kv"), cfg,
+                       cfg.init_std, "key", bias, det)(encoded)  # [b, source, kv_heads, d]
+      v = layers.dense((cfg.kv_heads, cfg.head_dim), ("embed", "kv_heads", "kv"), cfg,
+                       cfg.init_std, "value", bias, det)(encoded)
+      k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "kv"))
+      v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "kv"))
+      if kv_only:
+        if layers.bf16_matmuls(cfg):  # stored rounded, as attend_cache reads them
+          k, v = (a.astype(jnp.bfloat16).astype(a.dtype) for a in (k, v))
+        return {"k": k.swapaxes(1, 2), "v": v.swapaxes(1, 2)}  # [b, kv_heads, source, d]
+    q = layers.dense((cfg.num_heads, cfg.head_dim), ("embed", "heads", "kv"), cfg,
+                     cfg.init_std, "query", bias, det)(x)  # [batch, length, heads, head_dim]
+    q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
+    mixed = layers.bf16_matmuls(cfg)
+    if kv is None:  # training and full forward passes: the fused attention where it runs
+      implementation = resolve_implementation(cfg.attention_impl, q.dtype, cfg.head_dim)
+      out = attend(q, k, v, implementation, bf16_operands=mixed, causal=False,
+                   kv_lengths=source_lengths)
+    else:  # decoding: the cached keys and values, every query seeing the whole source
+      out = attend_cache(q, kv["k"].astype(q.dtype), kv["v"].astype(q.dtype),
+                         source_mask(source_lengths, kv["k"].shape[2]),
+                         bf16_operands=mixed)
+    out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
+    out = layers.dense(cfg.width, ("heads", "kv", "embed"), cfg, layers.residual_std(cfg),
+                       "out", deterministic=det)(out)  # [batch, length, embed]
+    return nn.Dropout(cfg.dropout)(out, deterministic=det)

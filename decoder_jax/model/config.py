@@ -275,6 +275,15 @@ class ModelConfig:
   remat: str = "none"
   scan_layers: bool = False  # one lax.scan over stacked layer params (faster compiles)
   init_std: float = 0.02
+  # Encoder-decoder (model/encoder_decoder.py): encoder_layers > 0 adds a bidirectional
+  # encoder of that many blocks and cross-attention in each of the num_layers decoder
+  # blocks; 0 is the decoder-only model.
+  encoder_layers: int = 0
+  # The original Transformer's post-norm blocks, norm(x + sublayer(x)), instead of
+  # pre-norm x + sublayer(norm(x)) (encoder-decoder only).
+  post_norm: bool = False
+  # The encoder's own token table instead of sharing the decoder's (joint vocabulary).
+  separate_source_embeddings: bool = False
   # Parameter-efficient fine-tuning (decoder_jax.peft), at most one of these; None: plain.
   lora: Optional[LoraConfig] = None  # low-rank adapters
   adalora: Optional[AdaLoraConfig] = None  # low-rank adapters with adaptive rank
@@ -322,6 +331,23 @@ class ModelConfig:
     if self.matmul_dtype not in MATMUL_DTYPES:
       raise ConfigError(f"model.matmul_dtype must be one of {MATMUL_DTYPES}, "
                         f"got {self.matmul_dtype!r}")
+    self._check_encoder_decoder(methods)
+
+  def _check_encoder_decoder(self, methods) -> None:
+    layers = self.encoder_layers
+    if isinstance(layers, bool) or not isinstance(layers, int) or layers < 0:
+      raise ConfigError(f"model.encoder_layers must be an integer >= 0, got {layers!r}")
+    if not layers:
+      if self.post_norm or self.separate_source_embeddings:
+        raise ConfigError("model.post_norm and model.separate_source_embeddings are for "
+                          "encoder-decoders: set model.encoder_layers > 0")
+      return
+    if methods:
+      raise ConfigError(f"model.{methods[0]} is not supported on an encoder-decoder "
+                        "(model.encoder_layers > 0) yet")
+    if self.scan_layers:
+      raise ConfigError("model.scan_layers is not supported on an encoder-decoder "
+                        "(model.encoder_layers > 0) yet: set it False")
 
   @property
   def head_dim(self) -> int:
@@ -351,6 +377,10 @@ class ModelConfig:
   @property
   def use_rope(self) -> bool:
     return self.family == "llama"
+
+  @property
+  def is_encoder_decoder(self) -> bool:
+    return self.encoder_layers > 0
 
   @property
   def peft_method(self) -> Optional[str]:

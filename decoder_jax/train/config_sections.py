@@ -35,6 +35,10 @@ def train_section(**fields) -> ml_collections.ConfigDict:
       # all-reduce (XLA's CPU runtime pays a device rendezvous per array otherwise).
       flat_grad_allreduce=False,
       learning_rate=1e-3,
+      # "cosine": linear warmup over warmup_steps, cosine decay to min_learning_rate at
+      # decay_steps; "inverse_sqrt" (Vaswani et al.): linear warmup over warmup_steps, then
+      # learning_rate * sqrt(warmup_steps / step) (min_learning_rate, decay_steps unused).
+      schedule="cosine",
       min_learning_rate=1e-4,
       warmup_steps=100,
       decay_steps=config_dict.placeholder(int),  # None: num_steps
@@ -43,6 +47,9 @@ def train_section(**fields) -> ml_collections.ConfigDict:
       eps=1e-8,
       weight_decay=0.1,
       grad_clip=1.0,
+      # eps of the training loss's label smoothing: (1 - eps) * cross-entropy + eps * the
+      # mean over the vocabulary of -log p. The eval loss stays plain cross-entropy.
+      label_smoothing=0.0,
       log_every=50,
       eval_every=250,
       checkpoint_every=500,

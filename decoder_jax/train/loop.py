@@ -239,7 +239,8 @@ class _Programs:
         dropout=config.dropout > 0 or (method is not None and method.dropout > 0),
         loss_chunk_size=train_cfg.get("loss_chunk_size"),
         flat_allreduce_mesh=built.mesh if train_cfg.get("flat_grad_allreduce") else None,
-        regularizer=peft.adalora.regularizer(config))
+        regularizer=peft.adalora.regularizer(config),
+        label_smoothing=train_cfg.get("label_smoothing") or 0.0)
 
     def jit_step(fn, batches_sharding):  # (state, frozen, batch(es), rng) -> (state, metrics)
       return jax.jit(fn, in_shardings=(built.state_shardings, built.frozen_shardings,

@@ -10,6 +10,11 @@ parameter-efficient method (`config.model.lora`, `.adalora`, `.adapter`, `.promp
 are trainable, the frozen base comes from `config.init_from` on every start (such a
 checkpoint stores the trainable half, config.json the reference to the base) and may be
 held in `config.train.frozen_dtype` (e.g. bfloat16). Without one everything is trainable.
+
+The model is a Decoder, or an EncoderDecoder when model.encoder_layers > 0 (a seq2seq task,
+trained from scratch or from config.init_from). A seq2seq task from scratch trains its joint
+vocabulary on the first start (tasks.train_vocabulary, in memory); the workdir keeps it
+(workdir.write_run_files) for every later start.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from flax import traverse_util
 from decoder_jax import peft, sharding, workdir as workdir_lib
 from decoder_jax.data import pipeline, tasks
 from decoder_jax.errors import ConfigError
-from decoder_jax.model import Decoder, ModelConfig
+from decoder_jax.model import Decoder, EncoderDecoder, ModelConfig, build, init_inputs
 from decoder_jax.model.config import with_training_choices
 from decoder_jax.train import init_from, optimizer, state as state_lib
 
@@ -41,6 +46,14 @@ def resolve_model_config(model_section, tokenizer) -> ModelConfig:
     raise ConfigError(f"model.vocab_size={values['vocab_size']} is smaller than the tokenizer's "
                       f"vocabulary ({tokenizer.vocab_size}); leave it None to use the tokenizer's")
   return ModelConfig.from_dict(values)
+
+
+def check_train_choices(train_config) -> None:
+  """train.schedule and train.label_smoothing, checked before anything is written."""
+  optimizer.learning_rate_schedule(train_config)  # an unknown schedule raises
+  smoothing = train_config.get("label_smoothing") or 0.0
+  if not 0.0 <= smoothing < 1.0:
+    raise ConfigError(f"train.label_smoothing must lie in [0, 1); got {smoothing}")
 
 
 def uses_peft(config) -> bool:
@@ -64,7 +77,7 @@ def make_optimizer(train_config, model_config: ModelConfig):
 @dataclasses.dataclass
 class Run:
   model_config: ModelConfig
-  model: Decoder
+  model: Decoder | EncoderDecoder
   tokenizer: Any
   datasets: Any  # pipeline.Datasets or tasks.TaskDatasets
   seq_len: int
@@ -83,8 +96,11 @@ def build_run(config, workdir: str | None, mesh, *, need_base: bool, resuming: b
 
   The source of `config.init_from` is read when `need_base` (a first start, or a LoRA
   run, whose frozen base is not in its checkpoints); otherwise the architecture and
-  tokenizer come from `workdir`, where the first start saved them.
+  tokenizer come from `workdir`, where the first start saved them. A seq2seq task without
+  init_from trains from scratch: its vocabulary is trained on a first start (nothing
+  written) and read from `workdir` when `resuming` (or without data).
   """
+  check_train_choices(config.train)
   start = None
   tokenizer = None
   source = config.get("init_from")
@@ -96,9 +112,18 @@ def build_run(config, workdir: str | None, mesh, *, need_base: bool, resuming: b
     model_config = with_training_choices(workdir_lib.read_model_config(workdir), config.model)
     tokenizer = workdir_lib.read_tokenizer(workdir)
   task_config = config.get("task")
+  seq2seq = task_config is not None and task_config.get("kind") == "seq2seq"
   if task_config is not None and tokenizer is None:
-    raise ConfigError("a task config (config.task) fine-tunes a pretrained model: set "
-                      "config.init_from to its checkpoint (gguf:FILE, hf:DIR, a converted DIR)")
+    if not seq2seq:
+      raise ConfigError("a task config (config.task) fine-tunes a pretrained model: set "
+                        "config.init_from to its checkpoint (gguf:FILE, hf:DIR, a converted "
+                        "DIR)")
+    tokenizer = (workdir_lib.read_tokenizer(workdir) if resuming or not with_data
+                 else tasks.train_vocabulary(task_config, config.seed))
+    model_config = resolve_model_config(config.model, tokenizer)
+  elif seq2seq and task_config.get("vocab_size") is not None:
+    logging.warning("task.vocab_size=%s is unused: the vocabulary is config.init_from's",
+                    task_config.vocab_size)
   train_cfg = config.train
   if not with_data:
     if tokenizer is None:
@@ -112,7 +137,8 @@ def build_run(config, workdir: str | None, mesh, *, need_base: bool, resuming: b
     datasets = tasks.make_task_datasets(task_config, tokenizer,
                                         global_batch_size=train_cfg.batch_size,
                                         eval_batch_size=config.data.eval_batch_size,
-                                        seed=config.seed)
+                                        seed=config.seed,
+                                        encoder_decoder=model_config.is_encoder_decoder)
   else:
     max_length = model_config.max_length if tokenizer is not None else config.model.max_length
     seq_len = config.data.get("seq_len") or max_length
@@ -132,9 +158,12 @@ def build_run(config, workdir: str | None, mesh, *, need_base: bool, resuming: b
     peft.check(model_config, seq_len=seq_len)
     if model_config.adalora is not None:
       peft.adalora.check_schedule(model_config.adalora, train_cfg.num_steps)
-  model = Decoder(model_config, num_labels=tasks.head_labels(task_config))
-  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0),
-                                            jnp.zeros((1, 8), jnp.int32)))["params"]
+  if model_config.is_encoder_decoder and not seq2seq:
+    raise ConfigError("an encoder-decoder (model.encoder_layers > 0) trains on a seq2seq "
+                      "task: set config.task with task.kind='seq2seq'")
+  model = build(model_config, num_labels=tasks.head_labels(task_config))
+  dummy = init_inputs(model_config)
+  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), *dummy))["params"]
   return Run(model_config, model, tokenizer, datasets, seq_len,
              peft.trainable_predicate(model_config), boxed, start)
 
@@ -171,9 +200,9 @@ def initial_params(run: Run, mesh, rng):
   """The full starting params: the source's plus fresh leaves it lacks (LoRA adapters, a
   classification head), or a random init when there is no source."""
   shardings = sharding.shardings_for(run.boxed_params, mesh)
-  tokens = jnp.zeros((1, 8), jnp.int32)
+  dummy = init_inputs(run.model_config)
   if run.start is None:
-    init = jax.jit(lambda r: nn.unbox(run.model.init(r, tokens))["params"],
+    init = jax.jit(lambda r: nn.unbox(run.model.init(r, *dummy))["params"],
                    out_shardings=shardings)
     return run_once(init, rng)
   have = traverse_util.flatten_dict(run.start.params)
@@ -188,7 +217,7 @@ def initial_params(run: Run, mesh, rng):
   # Under jit, XLA computes only the missing leaves of the full init (no second base copy).
   @jax.jit
   def fresh(r):
-    flat = traverse_util.flatten_dict(nn.unbox(run.model.init(r, tokens))["params"])
+    flat = traverse_util.flatten_dict(nn.unbox(run.model.init(r, *dummy))["params"])
     return {path: flat[path] for path in missing}
 
   new = fresh(rng)

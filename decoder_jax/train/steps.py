@@ -25,7 +25,7 @@ from decoder_jax.sharding import BATCH_AXES
 
 def make_train_step(model, grad_accum_steps: int, dropout: bool,
                     loss_chunk_size: int | None = None, flat_allreduce_mesh=None,
-                    regularizer=None):
+                    regularizer=None, label_smoothing: float = 0.0):
   """state, frozen, batch, rng -> (state, metrics).
 
   `loss_chunk_size`: compute the LM loss in chunks of that many tokens (see
@@ -42,11 +42,15 @@ def make_train_step(model, grad_accum_steps: int, dropout: bool,
   `regularizer` (trainable params -> scalar, e.g. AdaLoRA's orthogonality penalty) is
   added to the mean loss (each micro-batch adds it times its weight, so the sums still
   divide into mean + regularizer); the "loss" metric includes it.
+
+  `label_smoothing` (train.label_smoothing) smooths the training loss (losses.py) and so
+  the "loss" metric; the eval step's loss stays plain cross-entropy.
   """
 
   def loss_sum_fn(trainable, frozen, micro_batch, rng):
     total, weight = loss_sums(model, combine(trainable, frozen), micro_batch, rng,
-                              deterministic=not dropout, chunk_size=loss_chunk_size)
+                              deterministic=not dropout, chunk_size=loss_chunk_size,
+                              label_smoothing=label_smoothing)
     if regularizer is not None:
       total = total + weight * regularizer(trainable)
     return total, weight
