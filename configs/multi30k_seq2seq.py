@@ -29,13 +29,10 @@ encoder, the decoder and the output layer (tie_embeddings). eval.metric is BLEU 
   python -m decoder_jax.evaluate --config=configs/multi30k_seq2seq.py:cpu --workdir=W \
       --split=test_2016_flickr
 
-Measured (`cpu`, 2 AMD EPYC cores shared with other work, `uptime` load in parentheses):
-323 ms/step at steps 200-250 (load 2.5-3; with bfloat16 matmul operands 660 ms, load 3-4;
-batch 128: ~780 ms, load 2.5-4, fewer pairs a second than 64), so 4500 steps are
-about 25 minutes of steps on 2 free cores, plus a minute of compiles (5 buckets) and ~25 s
-per BLEU evaluation. A 1500-step run (load 5-7: 790 ms/step, 20 minutes): val BLEU (first
-300, greedy) 27.9 at step 750 and 39.5 at step 1500; test_2016_flickr greedy BLEU 40.6 at
-step 1500. The full 4500 steps and the `decoder_only` baseline are not yet measured.
+Measured (`cpu`, 2 idle AMD EPYC cores, 2026-12-04; benchmarks/RESULTS.md): the 4500 steps
+take 28.6 minutes (360 ms/step, compiles and three val BLEU evaluations included); val BLEU
+(first 300, greedy) 39.5, 50.4 and 52.3 at steps 1500, 3000 and 4500; test_2016_flickr
+50.8 greedy, 53.0 with --num_beams=4. The decoder-only baseline: benchmarks/RESULTS.md.
 7.611M parameters (decoder_only: 7.610M); the GPU recipe 48.30M (decoder_only: 48.30M).
 """
 

@@ -310,10 +310,12 @@ def test_encoder_decoder_trains_from_scratch_checkpoints_and_resumes(corpus, tfd
   assert steps[-1] == 3 and np.isfinite(resumed["eval/loss"])
 
   # evaluate's library call on line-aligned files, as `python -m decoder_jax.evaluate
-  # --source_file --reference_file` runs it; task.source unset (no $DECODER_JAX_DATA
-  # here): the run's own, from its workdir.
+  # --source_file --reference_file` runs it: the run's data need not be there (a source
+  # that does not exist), and an unset task.source is the run's own, from its workdir.
   from decoder_jax.evaluation import finetuned
   config.task.source = None
+  assert finetuned.with_run_source(config, workdir).task.source == str(corpus)
+  config.task.source = str(tmp_path / "not_here")
   config.eval.max_new_tokens = 8
   en, fr = _sentences(7, 5)
   (tmp_path / "test.en").write_text("\n".join(en) + "\n")

@@ -964,6 +964,29 @@ def make_eval_set(task: Task, raw: list[dict], where: str, *, split: str, max_le
                  examples=_eval_examples(task, raw, max_length), stats=encoded.stats)
 
 
+def _pad_id(config, task: Task, tokenizer) -> int:
+  # seq2seq: the vocabulary's own padding id where it has one (train_vocabulary's does).
+  vocab_pad = getattr(tokenizer, "pad_id", None) if isinstance(task, SeqToSeqTask) else None
+  pad_id = next(i for i in (config.pad_id, vocab_pad, task.eos_id, 0) if i is not None)
+  if not 0 <= pad_id < tokenizer.vocab_size:
+    raise ConfigError(f"task.pad_id {pad_id} is outside the vocabulary "
+                      f"[0, {tokenizer.vocab_size}).")
+  return pad_id
+
+
+def eval_only_datasets(task_config, tokenizer, *, encoder_decoder: bool = False
+                       ) -> TaskDatasets:
+  """The task, buckets and padding of make_task_datasets without reading any split: for
+  scoring examples from elsewhere (evaluate's --source_file), where the run's own data
+  need not be on the machine. No train iterator and no eval sets."""
+  config = with_defaults(task_config)
+  task = make_task(config, tokenizer, encoder_decoder)
+  return TaskDatasets(task=task, train_iter=None, eval_sets={},
+                      buckets=bucket_lengths(config.max_length, config.buckets),
+                      steps_per_epoch=0, pad_id=_pad_id(config, task, tokenizer),
+                      train_stats={})
+
+
 def make_task_datasets(
     task_config,
     tokenizer,
@@ -994,12 +1017,7 @@ def make_task_datasets(
                              process_count)
   eval_rows = _process_rows("eval_batch_size", eval_batch_size, process_index, process_count)
   buckets = bucket_lengths(config.max_length, config.buckets)
-  # seq2seq: the vocabulary's own padding id where it has one (train_vocabulary's does).
-  vocab_pad = getattr(tokenizer, "pad_id", None) if isinstance(task, SeqToSeqTask) else None
-  pad_id = next(i for i in (config.pad_id, vocab_pad, task.eos_id, 0) if i is not None)
-  if not 0 <= pad_id < tokenizer.vocab_size:
-    raise ConfigError(f"task.pad_id {pad_id} is outside the vocabulary "
-                      f"[0, {tokenizer.vocab_size}).")
+  pad_id = _pad_id(config, task, tokenizer)
   _check_source(config)
   eval_splits = _eval_splits(config)
   label_words = isinstance(task, ClassificationTask) and task.mode == "label_words"

@@ -69,11 +69,12 @@ class FinetunedRun:
 
 
 def load_finetuned(config, workdir: str | None, *, zero_shot: bool = False,
-                   weights: str = "best"):
+                   weights: str = "best", read_splits: bool = True):
   """(run, params, what) for a task config: the base from config.init_from plus the
   trainable half from `workdir` ("best" or "latest" checkpoint), or the pretrained model
   alone with `zero_shot`. `params` is the full tree (the method unmerged); `what` says
-  which weights these are."""
+  which weights these are. A seq2seq run trained from scratch has no base; without
+  `read_splits` (examples from files) none of its data's splits is read."""
   if config.get("task") is None:
     raise ConfigError("--config must be a task config (with a task section), e.g. "
                       "configs/smollm2_sst2.py:lora")
@@ -97,7 +98,7 @@ def load_finetuned(config, workdir: str | None, *, zero_shot: bool = False,
   sharding.split_host_cpu(config.mesh.get("num_cpu_devices"))
   mesh = sharding.make_mesh(config.mesh)
   if from_scratch:
-    return _load_from_scratch(config, workdir, weights, mesh)
+    return _load_from_scratch(config, workdir, weights, mesh, read_splits)
   model_section = config.model.to_dict()
   if zero_shot:
     model_section.update(dict.fromkeys(peft.METHODS))  # the pretrained model alone
@@ -138,17 +139,22 @@ def with_run_source(config, workdir: str | None):
   return config
 
 
-def _load_from_scratch(config, workdir: str, weights: str, mesh):
+def _load_from_scratch(config, workdir: str, weights: str, mesh, read_splits: bool):
   """load_finetuned's (run, params, what) for a run trained from scratch (a seq2seq task):
-  the architecture and the vocabulary the run trained are the workdir's."""
+  the architecture and the vocabulary the run trained are the workdir's. Without
+  `read_splits` no split of task.source is read (examples come from files)."""
   model_config = workdir_lib.read_model_config(workdir)
   tokenizer = workdir_lib.read_tokenizer(workdir)
   model = build(model_config)
-  datasets = tasks.make_task_datasets(config.task, tokenizer,
-                                      global_batch_size=config.train.batch_size,
-                                      eval_batch_size=config.data.eval_batch_size,
-                                      seed=config.seed,
-                                      encoder_decoder=model_config.is_encoder_decoder)
+  if read_splits:
+    datasets = tasks.make_task_datasets(config.task, tokenizer,
+                                        global_batch_size=config.train.batch_size,
+                                        eval_batch_size=config.data.eval_batch_size,
+                                        seed=config.seed,
+                                        encoder_decoder=model_config.is_encoder_decoder)
+  else:
+    datasets = tasks.eval_only_datasets(config.task, tokenizer,
+                                        encoder_decoder=model_config.is_encoder_decoder)
   abstract, _ = workdir_lib.abstract_params(model, mesh)
   params, what = _restore_trainable(workdir, weights, abstract)
   return FinetunedRun(model_config, model, tokenizer, datasets), params, what
@@ -171,7 +177,8 @@ def evaluate(config, workdir: str | None, *, zero_shot: bool = False, weights: s
   replies to held-out conversations, beside the replies the people wrote.
   """
   config = with_run_source(config, workdir)
-  run, params, scored = load_finetuned(config, workdir, zero_shot=zero_shot, weights=weights)
+  run, params, scored = load_finetuned(config, workdir, zero_shot=zero_shot, weights=weights,
+                                       read_splits=not (source_file or reference_file))
   eval_config = (config.get("eval") or task_eval.default_eval_config()).copy_and_resolve_references()
   with eval_config.unlocked():
     if num_beams is not None:
